@@ -1,0 +1,90 @@
+"""Key/value cache of the committed clean prefix, one preallocated buffer for all layers.
+
+Sampling writes the keys/values of the block being denoised into the slots after the committed prefix
+*without* committing them (the next step overwrites them); once a block is finished, one forward of the clean
+block writes its keys/values again and :meth:`KVCache.commit` advances the prefix. This mirrors the x_0 stream
+of training, where each block is encoded clean before later blocks read it (Arriola et al. 2025, §3.2).
+Keys are stored after rotary, so no position is ever rotated twice.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class KVCache:
+    """Per-layer keys and values of shape (batch, heads, capacity, head_dim).
+
+    Args:
+        n_layers: number of transformer blocks.
+        batch_size: number of sequences.
+        n_heads: attention heads.
+        head_dim: size of one head.
+        capacity: the most positions the cache holds (the attention window).
+        dtype: storage dtype (follows the model).
+        device: storage device.
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        batch_size: int,
+        n_heads: int,
+        head_dim: int,
+        capacity: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
+        shape = (n_layers, batch_size, n_heads, capacity, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.capacity = capacity
+        self.length = 0  # committed positions
+        self.pending = 0  # positions written after ``length`` by the last forward
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write new keys/values (B, H, m, D) after the committed prefix; return prefix + new, (B, H, length+m, D)."""
+        m = k.shape[2]
+        end = self.length + m
+        if end > self.capacity:
+            raise ValueError(
+                f"KV cache overflow: {self.length} cached + {m} new positions exceed the capacity {self.capacity}"
+            )
+        self.k[layer, :, :, self.length : end] = k.to(self.k.dtype)
+        self.v[layer, :, :, self.length : end] = v.to(self.v.dtype)
+        self.pending = m
+        return self.k[layer, :, :, :end].to(k.dtype), self.v[layer, :, :, :end].to(v.dtype)
+
+    def commit(self) -> None:
+        """Keep the positions written by the last forward (a finished clean block) as part of the prefix."""
+        self.length += self.pending
+        self.pending = 0
+
+    def drop_oldest(self, m: int) -> None:
+        """Forget the ``m`` oldest committed positions, keeping the others' (now stale) keys and values.
+
+        Used only by the approximate streaming mode; the exact mode re-encodes the window instead.
+        """
+        if not 0 <= m <= self.length:
+            raise ValueError(f"cannot drop {m} positions from a cache holding {self.length}")
+        keep = self.length - m
+        self.k[:, :, :, :keep] = self.k[:, :, :, m : self.length].clone()
+        self.v[:, :, :, :keep] = self.v[:, :, :, m : self.length].clone()
+        self.length, self.pending = keep, 0
+
+    def select(self, rows: Tensor) -> None:
+        """Keep only the sequences ``rows`` (finished sequences stop costing compute)."""
+        self.k = self.k[:, rows]
+        self.v = self.v[:, rows]
+
+    def reset(self) -> None:
+        """Forget every position."""
+        self.length, self.pending = 0, 0
+
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2

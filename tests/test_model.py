@@ -1,0 +1,119 @@
+import pytest
+import torch
+from conftest import tiny_config, tiny_model
+
+import bd3lm
+
+
+def two_stream(model, xt, x0):
+    with torch.no_grad():
+        return model(input_ids=torch.cat([xt, x0], 1)).logits
+
+
+def sample_pair(cfg, seed=1, batch=2):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randint(0, cfg.vocab_size - 1, (batch, cfg.model_length), generator=g)
+    masked = torch.rand(x0.shape, generator=g) < 0.5
+    return torch.where(masked, cfg.mask_index, x0), x0
+
+
+@pytest.mark.parametrize("bs", [1, 2, 4, 8])
+def test_two_stream_equals_block_causal_sampling_pass(bs):
+    model = tiny_model(block_size=bs)
+    xt, x0 = sample_pair(model.config)
+    logits = two_stream(model, xt, x0)
+    assert logits.shape == (2, 16, 33)
+    for b in range(16 // bs):
+        seq = torch.cat([x0[:, : b * bs], xt[:, b * bs : (b + 1) * bs]], 1)
+        with torch.no_grad():
+            ref = model(input_ids=seq).logits[:, -bs:]
+        assert (logits[:, b * bs : (b + 1) * bs] - ref).abs().max().item() <= 1e-5
+
+
+def test_block_size_l_is_bidirectional_mdlm():
+    model = tiny_model(block_size=16)
+    xt, x0 = sample_pair(model.config)
+    with torch.no_grad():
+        plain = model(input_ids=xt).logits
+    assert (two_stream(model, xt, x0) - plain).abs().max().item() <= 1e-6
+
+
+def test_perturbations_respect_the_mask():
+    model = tiny_model(block_size=4)
+    xt, x0 = sample_pair(model.config)
+    base = two_stream(model, xt, x0)
+    for j in range(4):
+        sl = slice(4 * j, 4 * j + 4)
+        x0p = x0.clone()
+        x0p[:, sl] = (x0p[:, sl] + 1) % 32
+        changed = (two_stream(model, xt, x0p) - base).abs().amax(dim=(0, 2))
+        assert changed[: 4 * (j + 1)].max().item() == 0.0  # clean block j is read only by blocks > j
+        if j < 3:
+            assert changed[4 * (j + 1) :].min().item() > 0
+        xtp = xt.clone()
+        xtp[:, sl] = (xtp[:, sl] + 1) % 32
+        changed = (two_stream(model, xtp, x0) - base).abs().amax(dim=(0, 2))
+        outside = torch.ones(16, dtype=torch.bool)
+        outside[sl] = False
+        assert changed[outside].max().item() == 0.0 and changed[sl].min().item() > 0
+
+
+def test_backends_agree_on_the_model():
+    cfg_kw = dict(block_size=4)
+    xt, x0 = sample_pair(tiny_config(**cfg_kw))
+    outs = {}
+    for backend in ["reference", "sdpa", "flex"]:
+        model = tiny_model(attn_backend=backend, **cfg_kw)
+        with torch.no_grad():
+            outs[backend] = (two_stream(model, xt, x0), model(input_ids=x0).logits)
+    for backend in ["sdpa", "flex"]:
+        for a, b in zip(outs[backend], outs["reference"]):
+            assert (a - b).abs().max().item() <= 1e-5
+
+
+def test_adaln_without_time_conditioning_is_constant():
+    model = tiny_model()
+    xt, x0 = sample_pair(model.config)
+    with torch.no_grad():
+        a = model(input_ids=torch.cat([xt, x0], 1)).logits
+        b = model(input_ids=torch.cat([xt, x0], 1), timesteps=torch.rand(2)).logits
+    assert torch.equal(a, b)
+    tc = tiny_model(time_conditioning=True)
+    with torch.no_grad():
+        c = tc(input_ids=torch.cat([xt, x0], 1), timesteps=torch.zeros(2)).logits
+        d = tc(input_ids=torch.cat([xt, x0], 1), timesteps=torch.full((2,), 3.0)).logits
+    assert not torch.allclose(c, d)
+
+
+def test_autoregressive_model_is_causal():
+    model = tiny_model(causal=True, cross_attn=False, adaln=False, block_size=1)
+    assert "backbone.sigma_map.mlp.0.weight" not in model.state_dict()
+    x = torch.randint(0, 32, (2, 16))
+    with torch.no_grad():
+        full = model(input_ids=x).logits
+        prefix = model(input_ids=x[:, :7]).logits
+    assert (full[:, :7] - prefix).abs().max().item() <= 1e-5
+
+
+def test_bad_inputs_are_one_line_errors():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="sequence length 6 is not a multiple of block_size 4"):
+        model(input_ids=torch.zeros(1, 12, dtype=torch.long), two_stream=True)
+    with pytest.raises(ValueError, match="input length 20 is neither <= model_length 16"):
+        model(input_ids=torch.zeros(1, 20, dtype=torch.long))
+    with pytest.raises(ValueError, match="token id 40 is outside the vocabulary"):
+        model(input_ids=torch.full((1, 8), 40))
+    with pytest.raises(ValueError, match="block_size 5 does not divide model_length 16"):
+        tiny_config(block_size=5)
+    with pytest.raises(ValueError, match="unknown attn_backend 'xformers'"):
+        tiny_config(attn_backend="xformers")
+    flex = tiny_model(attn_backend="flex").train()
+    with pytest.raises(ValueError, match="no backward on CPU"):
+        flex(input_ids=torch.zeros(1, 32, dtype=torch.long))
+
+
+def test_public_api_names():
+    cfg = bd3lm.BD3LMConfig(vocab_size=10, model_length=8, block_size=2, hidden_dim=16, cond_dim=8, n_blocks=1,
+                            n_heads=2)
+    assert cfg.mask_index == 9
+    assert bd3lm.BD3LMConfig(vocab_size=10, model_length=8, mask_token_id=3).mask_index == 3

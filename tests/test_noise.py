@@ -1,0 +1,428 @@
+"""Tests for bd3lm.noise: schedules, stratified per-block time sampling and clipped masking."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bd3lm.noise import (
+    DEFAULT_SIGMA_MAX,
+    SCHEDULES,
+    LogLinearSchedule,
+    NoiseSchedule,
+    check_interval,
+    feasible_counts,
+    get_schedule,
+    rank_generator,
+    sample_mask,
+    sample_t,
+)
+
+NAMES = sorted(SCHEDULES)
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _chi2_threshold(df: int) -> float:
+    """Loose upper bound for a chi-square(df) statistic: mean + 6 standard deviations."""
+    return df + 6 * math.sqrt(2 * df)
+
+
+def _chi2(observed: torch.Tensor, probs: list[float]) -> tuple[float, int]:
+    """Pearson statistic of integer counts against ``probs`` (cells with zero probability must be empty)."""
+    n = int(observed.sum())
+    stat = 0.0
+    cells = 0
+    for obs, prob in zip(observed.tolist(), probs, strict=True):
+        if prob == 0:
+            assert obs == 0
+            continue
+        expected = n * prob
+        stat += (obs - expected) ** 2 / expected
+        cells += 1
+    return stat, cells - 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Schedules
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_registry_names() -> None:
+    assert set(SCHEDULES) == {"loglinear", "linear", "cosine", "square", "square_root", "log"}
+    for name in NAMES:
+        sched = get_schedule(name)
+        assert isinstance(sched, NoiseSchedule) and not isinstance(sched, torch.nn.Module)
+        assert sched.name == name
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_alpha_endpoints(name: str, dtype: torch.dtype) -> None:
+    sched = get_schedule(name)
+    ends = torch.tensor([0.0, 1.0], dtype=dtype)
+    alpha = sched.alpha(ends)
+    assert abs(alpha[0].item() - 1.0) <= 1e-6
+    assert 0.0 <= alpha[1].item() <= 1e-3 + 1e-9  # linear: alpha_1 = eps = 1e-3 up to rounding
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_mask_prob_is_one_minus_alpha(name: str) -> None:
+    sched = get_schedule(name)
+    t = torch.linspace(0, 1, 1001, dtype=torch.float64)
+    torch.testing.assert_close(sched.mask_prob(t), 1 - sched.alpha(t), rtol=0, atol=1e-12)
+    alpha = sched.alpha(t)
+    assert bool(((alpha >= 0) & (alpha <= 1)).all())
+    assert bool((alpha[1:] <= alpha[:-1]).all()), "alpha must be non-increasing"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_weight_is_minus_alpha_prime_over_mask_prob(name: str) -> None:
+    sched = get_schedule(name)
+    t = torch.linspace(0.01, 0.99, 199, dtype=torch.float64)
+    expected = -sched.alpha_prime(t) / (1 - sched.alpha(t))
+    torch.testing.assert_close(sched.weight(t), expected, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_alpha_prime_matches_central_differences(name: str) -> None:
+    sched = get_schedule(name)
+    t = torch.linspace(0.01, 0.99, 199, dtype=torch.float64)
+    h = 1e-6
+    fd = (sched.alpha(t + h) - sched.alpha(t - h)) / (2 * h)
+    torch.testing.assert_close(sched.alpha_prime(t), fd, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_weight_finite_and_positive_on_half_open_unit_interval(name: str, dtype: torch.dtype) -> None:
+    sched = get_schedule(name)
+    tiny = torch.tensor([1e-7, 1e-5, 1e-3, 0.5, 1 - 1e-6, 1.0], dtype=dtype)
+    grid = torch.linspace(0, 1, 4097, dtype=dtype)[1:]
+    for t in (tiny, grid):
+        w = sched.weight(t)
+        assert w.dtype == dtype and w.shape == t.shape
+        assert bool(torch.isfinite(w).all()) and bool((w > 0).all())
+
+
+def test_loglinear_weight_is_exactly_one_over_t() -> None:
+    sched = get_schedule("loglinear")
+    for dtype in (torch.float32, torch.float64):
+        t = torch.rand(1000, generator=_gen(1), dtype=dtype).clamp_min(1e-6)
+        assert torch.equal(sched.weight(t), 1 / t)
+        assert torch.equal(sched.mask_prob(t), t)
+
+
+@pytest.mark.parametrize(
+    ("name", "closed_form"),
+    [
+        ("square", lambda t: 2 / t),
+        ("square_root", lambda t: 1 / (2 * t)),
+        ("log", lambda t: 1 / ((1 + t) * torch.log(1 + t))),
+        ("cosine", lambda t: (math.pi / 2) * torch.sin(math.pi * t / 2) / (1 - torch.cos(math.pi * t / 2))),
+    ],
+)
+def test_weight_closed_forms(name: str, closed_form) -> None:
+    t = torch.linspace(0.05, 1.0, 96, dtype=torch.float64)
+    torch.testing.assert_close(get_schedule(name).weight(t), closed_form(t), rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sigma_is_minus_log_alpha_and_capped(name: str) -> None:
+    sched = get_schedule(name)
+    t = torch.linspace(0, 1, 513, dtype=torch.float64)
+    sigma = sched.sigma(t)
+    assert bool(torch.isfinite(sigma).all()) and bool((sigma >= 0).all())
+    assert bool((sigma[1:] >= sigma[:-1]).all())
+    assert sigma[0].item() == 0.0
+    assert sigma[-1].item() == pytest.approx(sched.sigma_max, rel=1e-12)
+    alpha = sched.alpha(t)
+    uncapped = alpha > math.exp(-sched.sigma_max)
+    torch.testing.assert_close(sigma[uncapped], -torch.log(alpha[uncapped]), rtol=1e-9, atol=1e-12)
+
+
+def test_linear_schedule_total_noise_is_linear() -> None:
+    sched = get_schedule("linear", eps=1e-4)
+    t = torch.linspace(0, 1, 11, dtype=torch.float64)
+    torch.testing.assert_close(sched.sigma(t), -math.log(1e-4) * t)
+    assert sched.alpha(torch.tensor(1.0, dtype=torch.float64)).item() == pytest.approx(1e-4, rel=1e-12)
+    assert get_schedule("loglinear").sigma_max == DEFAULT_SIGMA_MAX
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_dtype_and_shape_preserved(name: str) -> None:
+    sched = get_schedule(name)
+    for dtype in (torch.float32, torch.float64):
+        t = torch.rand(3, 5, generator=_gen(2), dtype=dtype)
+        for fn in (sched.alpha, sched.mask_prob, sched.alpha_prime, sched.weight, sched.sigma):
+            out = fn(t)
+            assert out.dtype == dtype and out.shape == t.shape
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(("bad", "pattern"), [(-0.25, r"min=-0\.25"), (1.5, r"max=1\.5"), (math.nan, "nan")])
+def test_schedule_rejects_t_outside_unit_interval(name: str, bad: float, pattern: str) -> None:
+    sched = get_schedule(name)
+    t = torch.tensor([0.5, bad])
+    for fn in (sched.alpha, sched.mask_prob, sched.alpha_prime, sched.weight, sched.sigma):
+        with pytest.raises(ValueError, match=r"t must lie in \[0, 1\].*" + pattern):
+            fn(t)
+
+
+def test_unknown_schedule_names_value_and_choices() -> None:
+    with pytest.raises(ValueError, match=r"'geometric'.*cosine.*loglinear.*square_root"):
+        get_schedule("geometric")
+
+
+def test_bad_schedule_parameters() -> None:
+    with pytest.raises(ValueError, match="eps"):
+        get_schedule("linear", eps=1.5)
+    with pytest.raises(ValueError, match="sigma_max"):
+        LogLinearSchedule(sigma_max=math.inf)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Time sampling
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_sample_t_antithetic_one_draw_per_stratum() -> None:
+    k_batch, n_blocks = 8, 16
+    n = k_batch * n_blocks
+    u = sample_t(k_batch, n_blocks, interval=(0.0, 1.0), generator=_gen(3), dtype=torch.float64)
+    assert u.shape == (k_batch, n_blocks)
+    strata = torch.floor(u.flatten().sort().values * n).long()
+    assert torch.equal(strata, torch.arange(n))
+    # Row-major cell k is in stratum k: levels increase along blocks and across rows.
+    assert torch.equal(torch.floor(u.flatten() * n).long(), torch.arange(n))
+
+
+def test_sample_t_clipped_interval_is_stratified_affine_image() -> None:
+    beta, omega = 0.3, 0.8
+    t = sample_t(4, 32, interval=(beta, omega), generator=_gen(4), dtype=torch.float64)
+    assert bool(((t >= beta) & (t <= omega)).all())
+    u = (t.flatten() - beta) / (omega - beta)
+    assert torch.equal(torch.floor(u.sort().values * t.numel()).long(), torch.arange(t.numel()))
+    t32 = sample_t(16, 64, interval=(0.30000001192092896, 0.800000011920929), generator=_gen(5))
+    assert t32.dtype == torch.float32
+    assert bool(((t32 >= 0.30000001192092896) & (t32 <= 0.800000011920929)).all())
+
+
+def test_sample_t_plain_uniform_and_degenerate_interval() -> None:
+    t = sample_t(64, 32, antithetic=False, generator=_gen(6))
+    assert bool(((t >= 1e-3) & (t <= 1.0)).all())
+    assert not bool((t.flatten()[1:] >= t.flatten()[:-1]).all())  # not sorted: no stratification
+    const = sample_t(3, 5, interval=(1.0, 1.0), generator=_gen(7))
+    assert torch.equal(const, torch.ones(3, 5))
+
+
+def test_rank_generators_differ_and_reproduce() -> None:
+    a = sample_t(4, 8, generator=rank_generator(1234, 0))
+    b = sample_t(4, 8, generator=rank_generator(1234, 1))
+    a_again = sample_t(4, 8, generator=rank_generator(1234, 0))
+    other_seed = sample_t(4, 8, generator=rank_generator(1235, 0))
+    assert not torch.equal(a, b)
+    assert torch.equal(a, a_again)
+    assert not torch.equal(a, other_seed)
+    with pytest.raises(ValueError, match="rank.*-1"):
+        rank_generator(0, -1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        ({"interval": (0.7, 0.2)}, r"beta > omega.*0\.7"),
+        ({"interval": (-0.1, 0.5)}, r"-0\.10"),
+        ({"interval": (0.1, 1.2)}, r"1\.20"),
+        ({"batch_size": 0}, r"batch_size.*0"),
+        ({"n_blocks": 0}, r"n_blocks.*0"),
+    ],
+)
+def test_sample_t_errors(kwargs: dict, pattern: str) -> None:
+    args = {"batch_size": 2, "n_blocks": 3} | kwargs
+    with pytest.raises(ValueError, match=pattern):
+        sample_t(args.pop("batch_size"), args.pop("n_blocks"), **args)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Feasible counts
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_feasible_counts() -> None:
+    assert feasible_counts(8, (0.25, 0.75)).tolist() == [2, 3, 4, 5, 6]
+    assert feasible_counts(4, (0.0, 1.0)).tolist() == [0, 1, 2, 3, 4]
+    # float32 endpoints from the official clip grid: 0.3 and 0.8 stored as 0.30000001192..., 0.80000001192...
+    assert feasible_counts(10, (0.30000001192092896, 0.800000011920929)).tolist() == [3, 4, 5, 6, 7, 8]
+    assert feasible_counts(4, (0.0010000000474974513, 0.5)).tolist() == [1, 2]
+    assert feasible_counts(4, (0.4, 0.45)).numel() == 0
+    check_interval(4, (0.25, 0.25))  # a single feasible count is fine
+
+
+def test_check_interval_messages() -> None:
+    msg = r"clip interval \[0\.40, 0\.45\] admits no whole number of masked tokens in a block of 4"
+    with pytest.raises(ValueError, match=msg):
+        check_interval(4, (0.4, 0.45))
+    with pytest.raises(ValueError, match=r"\[0\.60, 0\.40\] has beta > omega"):
+        check_interval(4, (0.6, 0.4))
+    with pytest.raises(ValueError, match=r"\[0\.10, 1\.50\] must lie inside \[0, 1\]"):
+        check_interval(4, (0.1, 1.5))
+    with pytest.raises(ValueError, match="block_size.*0"):
+        check_interval(0, (0.1, 0.5))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Masking
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["loglinear", "cosine", "linear"])
+def test_unclipped_mask_fraction_matches_mask_prob(name: str) -> None:
+    sched = get_schedule(name)
+    batch, block, levels = 4000, 16, torch.tensor([0.05, 0.3, 0.6, 0.95])
+    t = levels.expand(batch, -1)
+    mask = sample_mask(batch, block * len(levels), block, t, sched, generator=_gen(8))
+    assert mask.dtype == torch.bool and mask.shape == (batch, block * len(levels))
+    per_block = mask.view(batch, len(levels), block).sum(-1)  # (batch, n_blocks)
+    n = batch * block
+    p = sched.mask_prob(levels).double()
+    z = (per_block.sum(0).double() - n * p) / torch.sqrt(n * p * (1 - p))
+    assert bool((z.abs() < 5).all()), z
+    # Each block's count is Binomial(L', p): independent tokens, not just the right mean.
+    for j in range(len(levels)):
+        pj = p[j].item()
+        probs = [math.comb(block, k) * pj**k * (1 - pj) ** (block - k) for k in range(block + 1)]
+        hist = torch.bincount(per_block[:, j], minlength=block + 1)
+        keep = [k for k in range(block + 1) if batch * probs[k] >= 5]  # pool tiny tails
+        obs = torch.cat([hist[keep], hist[[k for k in range(block + 1) if k not in keep]].sum().view(1)])
+        exp_probs = [probs[k] for k in keep] + [1 - sum(probs[k] for k in keep)]
+        stat, df = _chi2(obs, exp_probs)
+        assert stat < _chi2_threshold(df), (j, stat, df)
+
+
+def test_unclipped_extremes() -> None:
+    for name in NAMES:
+        sched = get_schedule(name)
+        ones = torch.ones(3, 4)
+        if name != "linear":  # alpha_1 = 0 exactly
+            assert bool(sample_mask(3, 32, 8, ones, sched, generator=_gen(9)).all())
+        assert not bool(sample_mask(3, 32, 8, torch.zeros(3, 4), sched, generator=_gen(9)).any())
+
+
+def test_t_equal_one_loglinear_masks_everything() -> None:
+    sched = get_schedule("loglinear")
+    assert bool(sample_mask(5, 64, 4, torch.ones(5, 16), sched, generator=_gen(10)).all())
+    assert bool(sample_mask(5, 64, 4, torch.ones(5, 16), sched, clip=(0.5, 1.0), generator=_gen(10)).all())
+    assert bool(sample_mask(5, 64, 1, torch.tensor(1.0), sched, clip=(1.0, 1.0), generator=_gen(10)).all())
+
+
+@pytest.mark.parametrize(
+    ("block", "clip"),
+    [
+        (4, (0.25, 0.5)),
+        (4, (0.0010000000474974513, 0.5)),
+        (8, (0.30000001192092896, 0.800000011920929)),
+        (16, (0.5, 1.0)),
+        (16, (0.25, 0.25)),
+        (1, (1.0, 1.0)),
+    ],
+)
+def test_clipped_mask_fraction_always_inside_interval(block: int, clip: tuple[float, float]) -> None:
+    batch, n_blocks = 256, 8
+    t = sample_t(batch, n_blocks, generator=_gen(11))  # t over all of [1e-3, 1]: many blocks need truncation
+    mask = sample_mask(batch, n_blocks * block, block, t, get_schedule("loglinear"), clip=clip,
+                       generator=_gen(12))
+    frac = mask.view(batch, n_blocks, block).double().mean(-1)
+    assert bool((frac >= clip[0] - 1e-6).all()) and bool((frac <= clip[1] + 1e-6).all())
+
+
+@pytest.mark.parametrize(
+    ("block", "clip", "p"), [(8, (0.25, 0.75), 0.3), (8, (0.0, 0.5), 0.9), (5, (0.4, 1.0), 0.1)]
+)
+def test_clipped_count_distribution_is_truncated_binomial(
+    block: int, clip: tuple[float, float], p: float
+) -> None:
+    batch, n_blocks = 2000, 20
+    t = torch.full((batch, n_blocks), p)
+    mask = sample_mask(batch, n_blocks * block, block, t, get_schedule("loglinear"), clip=clip,
+                       generator=_gen(13))
+    counts = mask.view(-1, block).sum(-1)
+    raw = [math.comb(block, k) * p**k * (1 - p) ** (block - k) for k in range(block + 1)]
+    feasible = [clip[0] <= k / block <= clip[1] for k in range(block + 1)]
+    total = sum(r for r, ok in zip(raw, feasible, strict=True) if ok)
+    probs = [r / total if ok else 0.0 for r, ok in zip(raw, feasible, strict=True)]
+    stat, df = _chi2(torch.bincount(counts, minlength=block + 1), probs)
+    assert stat < _chi2_threshold(df), (stat, df)
+    # Given its count, the masked subset is uniform: every position has the same marginal frequency.
+    n = counts.numel()
+    mean_frac = sum(k * pk for k, pk in enumerate(probs)) / block
+    var = sum(((k / block) - mean_frac) ** 2 * pk for k, pk in enumerate(probs))
+    per_pos = mask.view(-1, block).double().mean(0)
+    # Marginal of one position is Bernoulli(mean_frac); its sd over n blocks bounds the deviation.
+    sd = math.sqrt(mean_frac * (1 - mean_frac) / n)
+    assert bool(((per_pos - mean_frac).abs() < 6 * sd).all()), (per_pos, mean_frac, var)
+
+
+def test_clipped_limits_when_binomial_mass_is_infeasible() -> None:
+    sched = get_schedule("loglinear")
+    # p = 1 puts all binomial mass on k = 4, which (0.25, 0.5) forbids; the p -> 1 limit is k = 2.
+    full = sample_mask(6, 16, 4, torch.ones(6, 4), sched, clip=(0.25, 0.5), generator=_gen(14))
+    assert torch.equal(full.view(6, 4, 4).sum(-1), torch.full((6, 4), 2))
+    empty = sample_mask(6, 16, 4, torch.zeros(6, 4), sched, clip=(0.25, 0.5), generator=_gen(14))
+    assert torch.equal(empty.view(6, 4, 4).sum(-1), torch.full((6, 4), 1))
+
+
+def test_sample_mask_reproducible_with_generator() -> None:
+    sched = get_schedule("loglinear")
+    t = sample_t(4, 8, generator=_gen(15))
+    for clip in (None, (0.25, 0.75)):
+        a = sample_mask(4, 64, 8, t, sched, clip=clip, generator=_gen(16))
+        b = sample_mask(4, 64, 8, t, sched, clip=clip, generator=_gen(16))
+        assert torch.equal(a, b)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    block=st.integers(1, 12),
+    lo=st.floats(0, 1, allow_nan=False),
+    width=st.floats(0, 1, allow_nan=False),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_clip_property(block: int, lo: float, width: float, seed: int) -> None:
+    clip = (lo, min(1.0, lo + width))
+    feasible = [k for k in range(block + 1) if clip[0] - 1e-6 <= k / block <= clip[1] + 1e-6]
+    if not feasible:
+        with pytest.raises(ValueError, match="admits no whole number"):
+            check_interval(block, clip)
+        return
+    assert feasible_counts(block, clip).tolist() == feasible
+    t = sample_t(8, 4, generator=_gen(seed))
+    mask = sample_mask(8, 4 * block, block, t, get_schedule("cosine"), clip=clip, generator=_gen(seed + 1))
+    counts = mask.view(8, 4, block).sum(-1)
+    assert bool(torch.isin(counts, torch.tensor(feasible)).all())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        ({"clip": (0.4, 0.45)}, r"\[0\.40, 0\.45\] admits no whole number.*block of 4"),
+        ({"clip": (0.6, 0.4)}, r"\[0\.60, 0\.40\] has beta > omega"),
+        ({"t": torch.full((2, 4), 1.25)}, r"t must lie in \[0, 1\]; got min=1\.25, max=1\.25"),
+        ({"t": torch.full((2, 4), -0.5)}, r"min=-0\.5"),
+        ({"seq_len": 18}, r"seq_len=18 is not a multiple of block_size=4"),
+        ({"t": torch.rand(2, 3)}, r"\(2, 4\).*got \(2, 3\)"),
+        ({"t": torch.rand(2)}, r"got \(2,\)"),
+    ],
+)
+def test_sample_mask_errors(kwargs: dict, pattern: str) -> None:
+    args = {"batch_size": 2, "seq_len": 16, "block_size": 4, "t": torch.rand(2, 4),
+            "schedule": get_schedule("loglinear")} | kwargs
+    with pytest.raises(ValueError, match=pattern):
+        sample_mask(args.pop("batch_size"), args.pop("seq_len"), args.pop("block_size"), args.pop("t"),
+                    args.pop("schedule"), **args)
