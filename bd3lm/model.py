@@ -115,7 +115,7 @@ class LayerNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return F.layer_norm(x.float(), (self.dim,)) * self.weight[None, None, :]
+            return F.layer_norm(x.float(), (self.dim,)) * self.weight
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -249,9 +249,11 @@ class DDitFinalLayer(nn.Module):
             nn.init.zeros_(self.adaLN_modulation.bias)
 
     def forward(self, x: Tensor, c: Tensor | None) -> Tensor:
+        """x (B, N, d) with c (B or 1, cond), or gathered rows x (M, d) with c (M or 1, cond)."""
         h = self.norm_final(x)
         if self.adaln:
-            shift, scale = self.adaLN_modulation(c)[:, None, :].chunk(2, dim=-1)
+            mod = self.adaLN_modulation(c)
+            shift, scale = (mod[:, None, :] if x.dim() == 3 else mod).chunk(2, dim=-1)
             h = modulate(h, shift, scale)
         return self.linear(h)
 
@@ -340,10 +342,9 @@ class BD3LM(PreTrainedModel):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, length); got {tuple(input_ids.shape)}")
         if input_ids.numel() and (int(input_ids.max()) >= self.config.vocab_size or int(input_ids.min()) < 0):
-            raise ValueError(
-                f"token id {int(input_ids.max()) if int(input_ids.max()) >= self.config.vocab_size else int(input_ids.min())}"
-                f" is outside the vocabulary [0, {self.config.vocab_size})"
-            )
+            hi, lo = int(input_ids.max()), int(input_ids.min())
+            bad = hi if hi >= self.config.vocab_size else lo
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
 
     def forward(
         self,
@@ -354,6 +355,7 @@ class BD3LM(PreTrainedModel):
         kv_cache: KVCache | None = None,
         positions: Tensor | None = None,
         attention_mask: Tensor | None = None,
+        logits_mask: Tensor | None = None,
         output_hidden_states: bool = False,
         **kwargs,
     ) -> BD3LMOutput:
@@ -367,6 +369,8 @@ class BD3LM(PreTrainedModel):
             kv_cache: cached mode; ``positions`` (B, N) rotary positions of the new tokens and
                 ``attention_mask`` (B, N_new, N_cache + N) boolean mask (True = attend) are then required.
             positions: rotary positions for the plain pass (default ``0..N-1``).
+            logits_mask: optional (B, N_out) boolean; the output head then runs only on the selected rows and
+                ``logits`` is (M, V) in row-major order (the masked-token loss needs no other row).
         """
         self._check_ids(input_ids)
         cfg = self.config
@@ -430,6 +434,13 @@ class BD3LM(PreTrainedModel):
             x = block(x, c, rotary, layer_mask, backend, n_keep=keep, cache=kv_cache, layer=i)
             if hidden is not None:
                 hidden.append(x)
+        if logits_mask is not None:
+            if logits_mask.shape != x.shape[:2]:
+                raise ValueError(f"logits_mask must have shape {tuple(x.shape[:2])}; got {tuple(logits_mask.shape)}")
+            rows = logits_mask.nonzero(as_tuple=True)
+            x = x[rows]
+            if c is not None and c.shape[0] > 1:
+                c = c[rows[0]]
         logits = bb.output_layer(x, c)
         return BD3LMOutput(logits=logits, hidden_states=tuple(hidden) if hidden is not None else None)
 

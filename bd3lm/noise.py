@@ -448,9 +448,7 @@ def check_interval(block_size: int, interval: tuple[float, float]) -> None:
 def _block_times(t: Tensor | float, batch_size: int, n_blocks: int) -> Tensor:
     """Broadcast ``t`` (scalar, or 2-D with each dim equal to the target or 1) to (batch_size, n_blocks)."""
     t = _as_time(t)
-    ok = t.dim() == 0 or (
-        t.dim() == 2 and t.shape[0] in (1, batch_size) and t.shape[1] in (1, n_blocks)
-    )
+    ok = t.dim() == 0 or (t.dim() == 2 and t.shape[0] in (1, batch_size) and t.shape[1] in (1, n_blocks))
     if not ok:
         raise ValueError(
             f"t must have shape (batch_size, n_blocks) = ({batch_size}, {n_blocks}) "
@@ -529,8 +527,9 @@ def sample_mask(
     check_interval(block_size, clip)
     feasible = feasible_counts(block_size, clip)
     counts = _truncated_binomial_counts(p, block_size, feasible, generator)  # (batch, n_blocks)
-    noise = torch.rand(batch_size, n_blocks, block_size, generator=generator, device=device,
-                       dtype=torch.float64)
+    noise = torch.rand(
+        batch_size, n_blocks, block_size, generator=generator, device=device, dtype=torch.float64
+    )
     order = noise.argsort(dim=-1)  # a uniformly random permutation of the block's positions
     take = torch.arange(block_size, device=device) < counts.unsqueeze(-1)
     mask = torch.empty_like(take).scatter_(-1, order, take)

@@ -50,7 +50,7 @@ def test_save_load_round_trip_is_exact(tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["model_type"] == "bd3lm" and cfg["architectures"] == ["BD3LM"] and cfg["block_size"] == 4
     loaded = bd3lm.BD3LM.from_pretrained(tmp_path).eval()
-    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(a, b)
     x = torch.randint(0, 32, (2, 32))
     with torch.no_grad():

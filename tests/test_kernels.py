@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from bd3lm.kernels import StructuredMask, attention, backend_available, resolve_backend
 
 

@@ -67,7 +67,7 @@ def test_backends_agree_on_the_model():
         with torch.no_grad():
             outs[backend] = (two_stream(model, xt, x0), model(input_ids=x0).logits)
     for backend in ["sdpa", "flex"]:
-        for a, b in zip(outs[backend], outs["reference"]):
+        for a, b in zip(outs[backend], outs["reference"], strict=True):
             assert (a - b).abs().max().item() <= 1e-5
 
 

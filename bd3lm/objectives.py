@@ -1,0 +1,217 @@
+"""Training objectives: the block-diffusion NELBO (BD3-LM, MDLM as its L' = L limit) and the AR cross-entropy.
+
+Block diffusion NELBO (Arriola et al. 2025, eq. 8; MDLM's continuous-time bound per block)::
+
+    L_BD(x) = Σ_b E_{t ~ U[0,1]} E_{q(x_t^b | x^b)} [ w(t) Σ_{ℓ ∈ b, x_t^ℓ = m} -log p_θ(x^ℓ | x_t^b, x^{<b}) ],
+    w(t) = -α'_t / (1 - α_t)
+
+- one noise level t per block, stratified over all (sequence, block) cells of the batch, then randomly permuted
+  across cells so every cell's marginal is exactly U[β, ω] (the official code assigns strata in row-major order,
+  so later blocks of a row always get more noise);
+- SUBS parameterisation (MDLM §3.2): the mask logit is -∞ and unmasked positions carry over, so they contribute
+  exactly 0 and are never computed: the output head runs only on the masked rows of the x_t half;
+- clipped intervals [β, ω] ≠ [0, 1] also constrain each block's masked fraction to the interval, drawn exactly
+  (no rejection loop, see :func:`bd3lm.noise.sample_mask`); the weight is not changed (as in the paper, the clipped
+  objective is a training device: evaluation uses the full range);
+- ``interval=(1, 1)`` masks every token with weight 1 (``∫ w(t)(1-α_t) dt = α_0 - α_1 = 1``): with block size 1 this
+  is exactly the AR log-likelihood of the two-stream network.
+
+Normalisation: ``loss`` is nats per token, the weighted sum over masked positions divided by the number of tokens
+of the batch (masked and unmasked), as in the official code; ``nll_per_seq`` is nats per sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from bd3lm.noise import NoiseSchedule, check_interval, get_schedule, sample_mask, sample_t
+
+FULL_RANGE = (1e-3, 1.0)
+
+
+@dataclass
+class LossOutput:
+    """``loss``: scalar to backpropagate (nats/token); the rest detached."""
+
+    loss: Tensor
+    nll_sum: Tensor
+    n_tokens: int
+    per_block: Tensor
+    nll_per_seq: Tensor
+
+
+def _schedule(schedule: str | NoiseSchedule) -> NoiseSchedule:
+    return get_schedule(schedule) if isinstance(schedule, str) else schedule
+
+
+def _check_batch(model, x0: Tensor) -> tuple[int, int]:
+    if x0.dim() != 2 or x0.shape[0] == 0 or x0.shape[1] == 0:
+        raise ValueError(f"x0 must be a non-empty (batch, length) tensor of token ids; got shape {tuple(x0.shape)}")
+    if bool((x0 == model.config.mask_index).any()):
+        raise ValueError(f"x0 contains the mask token id {model.config.mask_index}; clean data never holds it")
+    return x0.shape
+
+
+def _is_full_range(interval: tuple[float, float]) -> bool:
+    return interval[0] <= FULL_RANGE[0] + 1e-9 and interval[1] >= 1.0 - 1e-9
+
+
+def stratified_t(
+    batch_size: int, n_blocks: int, interval: tuple[float, float], generator: torch.Generator | None, device=None
+) -> Tensor:
+    """One t per (sequence, block), one per stratum of [β, ω], strata randomly assigned to cells."""
+    t = sample_t(batch_size, n_blocks, interval=interval, antithetic=True, generator=generator, device=device)
+    perm = torch.randperm(t.numel(), generator=generator, device=generator.device if generator else None)
+    return t.reshape(-1)[perm.to(t.device)].reshape(t.shape)
+
+
+def masked_cross_entropy(logits: Tensor, targets: Tensor, mask_index: int) -> Tensor:
+    """-log p_θ(x^ℓ) for gathered rows (M, V) under SUBS (the mask token gets probability 0), in float32."""
+    logits = logits.float()
+    logits[:, mask_index] = float("-inf")
+    return F.cross_entropy(logits, targets, reduction="none")
+
+
+def diffusion_loss(
+    model,
+    x0: Tensor,
+    *,
+    schedule: str | NoiseSchedule = "loglinear",
+    interval: tuple[float, float] = FULL_RANGE,
+    t: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    antithetic: bool = True,
+) -> LossOutput:
+    """Monte-Carlo estimate of L_BD (eq. above) for a batch of clean sequences ``x0`` (B, L).
+
+    Args:
+        model: a :class:`bd3lm.BD3LM` (two-stream when ``block_size < L``; a plain pass when ``block_size >= L``).
+        schedule: noise schedule name or object.
+        interval: [β, ω] ⊆ [0, 1] for t; a strict sub-interval of [1e-3, 1] also clips masked fractions.
+        t: optional explicit (B, n_blocks) noise levels (overrides ``interval`` sampling; no clipping).
+        generator: random stream (per DDP rank).
+        antithetic: stratify t over the batch's cells.
+    """
+    cfg = model.config
+    bsz, n = _check_batch(model, x0)
+    bs = cfg.block_size
+    if n % bs:
+        raise ValueError(f"sequence length {n} is not a multiple of block_size {bs}")
+    beta, omega = float(interval[0]), float(interval[1])
+    if not (0.0 <= beta <= 1.0 and 0.0 <= omega <= 1.0):
+        raise ValueError(f"clip interval [{beta}, {omega}] must lie in [0, 1]")
+    if beta > omega:
+        raise ValueError(f"clip interval [{beta}, {omega}] has beta > omega")
+    sched = _schedule(schedule)
+    n_blocks = n // bs
+    all_masked = t is None and beta >= 1.0
+    if all_masked:
+        t = torch.ones(bsz, n_blocks, device=x0.device)
+        masked = torch.ones_like(x0, dtype=torch.bool)
+    else:
+        clip = None
+        if t is None:
+            if antithetic:
+                t = stratified_t(bsz, n_blocks, (beta, omega), generator, x0.device)
+            else:
+                t = sample_t(bsz, n_blocks, interval=(beta, omega), antithetic=False, generator=generator,
+                             device=x0.device)
+            if not _is_full_range((beta, omega)):
+                lo, hi = sched.mask_prob(torch.tensor([beta, omega], dtype=torch.float64)).tolist()
+                clip = (lo, hi)
+                check_interval(bs, clip)
+        elif t.shape != (bsz, n_blocks) or float(t.min()) < 0 or float(t.max()) > 1:
+            raise ValueError(f"t must have shape ({bsz}, {n_blocks}) with values in [0, 1]; got {tuple(t.shape)}")
+        masked = sample_mask(bsz, n, bs, t, sched, clip=clip, generator=generator)
+    x_t = torch.where(masked, torch.full_like(x0, cfg.mask_index), x0)
+
+    timesteps = None
+    if cfg.time_conditioning:
+        if n_blocks > 1:
+            raise ValueError("time_conditioning needs one noise level per sequence (block_size = model_length)")
+        timesteps = sched.sigma(t[:, 0])
+    if bs >= n or not cfg.cross_attn:
+        if bs < n:
+            raise ValueError(f"block_size {bs} < length {n} needs a cross_attn (two-stream) model")
+        out = model(input_ids=x_t, timesteps=timesteps, logits_mask=masked)
+    else:
+        out = model(input_ids=torch.cat([x_t, x0], 1), timesteps=timesteps, logits_mask=masked)
+    ce = masked_cross_entropy(out.logits, x0[masked], cfg.mask_index)
+    weight = torch.ones_like(t) if all_masked else sched.weight(t.clamp_min(1e-12))
+    w_tok = weight.repeat_interleave(bs, dim=1)[masked].float()
+    per_token = torch.zeros(bsz, n, device=x0.device, dtype=torch.float32)
+    per_token = per_token.masked_scatter(masked, w_tok * ce)
+    total = per_token.sum()
+    return LossOutput(
+        loss=total / (bsz * n),
+        nll_sum=total.detach(),
+        n_tokens=bsz * n,
+        per_block=per_token.detach().view(bsz, n_blocks, bs).mean(-1),
+        nll_per_seq=per_token.detach().sum(1),
+    )
+
+
+def ar_loss(model, x0: Tensor) -> LossOutput:
+    """Next-token cross-entropy of a causal model: Σ_{i≥1} -log p_θ(x_i | x_{<i}) (position 0 is not predicted)."""
+    cfg = model.config
+    bsz, n = _check_batch(model, x0)
+    if n < 2:
+        raise ValueError(f"an autoregressive loss needs sequences of length >= 2; got {n}")
+    rows = torch.ones(bsz, n - 1, dtype=torch.bool, device=x0.device)
+    logits = model(input_ids=x0[:, :-1], logits_mask=rows).logits
+    ce = masked_cross_entropy(logits, x0[:, 1:].reshape(-1), cfg.mask_index).view(bsz, n - 1)
+    total = ce.sum()
+    per_token = F.pad(ce.detach(), (1, 0))
+    return LossOutput(
+        loss=total / (bsz * (n - 1)),
+        nll_sum=total.detach(),
+        n_tokens=bsz * (n - 1),
+        per_block=per_token,
+        nll_per_seq=ce.detach().sum(1),
+    )
+
+
+def loss(model, x0: Tensor, **kw) -> LossOutput:
+    """The training loss of ``model``: :func:`ar_loss` for causal models, else :func:`diffusion_loss`."""
+    if model.config.causal:
+        return ar_loss(model, x0)
+    return diffusion_loss(model, x0, **kw)
+
+
+@torch.no_grad()
+def nelbo(
+    model,
+    input_ids: Tensor,
+    num_samples: int = 1,
+    generator: torch.Generator | None = None,
+    schedule: str | NoiseSchedule = "loglinear",
+) -> Tensor:
+    """Each sequence's NELBO in nats, shape (B,): an unbiased estimate of L_BD averaged over ``num_samples`` draws.
+
+    t is stratified per sequence over its (draw, block) cells on the full range [0, 1] (no truncation), with the
+    strata randomly assigned to cells so each block's t is marginally U[0, 1]. For causal (AR) models this is the
+    exact NLL of positions 1..L-1.
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1; got {num_samples}")
+    if model.config.causal:
+        return ar_loss(model, input_ids).nll_per_seq
+    bsz, n = _check_batch(model, input_ids)
+    bs = model.config.block_size
+    if n % bs:
+        raise ValueError(f"sequence length {n} is not a multiple of block_size {bs}")
+    n_blocks = n // bs
+    cells = num_samples * n_blocks
+    dev = generator.device if generator is not None else None
+    u = torch.rand(bsz, cells, generator=generator, device=dev, dtype=torch.float64)
+    strata = torch.argsort(torch.rand(bsz, cells, generator=generator, device=dev), dim=1)
+    t_all = ((strata.double() + u) / cells).float().to(input_ids.device).view(bsz, num_samples, n_blocks)
+    total = torch.zeros(bsz, dtype=torch.float64, device=input_ids.device)
+    for k in range(num_samples):
+        out = diffusion_loss(model, input_ids, schedule=schedule, t=t_all[:, k], generator=generator)
+        total += out.nll_per_seq.double()
+    return (total / num_samples).float()

@@ -1,0 +1,162 @@
+import math
+from itertools import product
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_model
+
+import bd3lm
+from bd3lm.noise import get_schedule, sample_mask
+from bd3lm.objectives import ar_loss, diffusion_loss, nelbo, stratified_t
+
+
+def data(cfg, batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, cfg.vocab_size - 1, (batch, cfg.model_length), generator=g)
+
+
+def seq_logprobs(model, prefix, block):
+    """log p over the vocabulary at every position of ``block`` from a plain block-causal pass on [prefix; block]."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.cat([prefix, block], 1)).logits[:, prefix.shape[1]:].double()
+    logits[..., model.config.mask_index] = -math.inf
+    return logits.log_softmax(-1)
+
+
+def test_block_size_one_all_masked_is_the_autoregressive_nll():
+    model = tiny_model(block_size=1)
+    x0 = data(model.config)
+    with torch.no_grad():
+        out = diffusion_loss(model, x0, interval=(1.0, 1.0))
+    m = model.config.mask_index
+    ref = torch.zeros(2, dtype=torch.float64)
+    for i in range(16):
+        lp = seq_logprobs(model, x0[:, :i], torch.full((2, 1), m))
+        ref -= lp[:, 0].gather(-1, x0[:, i : i + 1]).squeeze(-1)
+    assert (out.nll_per_seq.double() - ref).abs().max().item() <= 1e-5 * 16
+    assert out.loss.item() == pytest.approx(ref.sum().item() / 32, abs=1e-5)
+
+
+def test_block_size_l_is_the_mdlm_loss():
+    model = tiny_model(block_size=16)
+    x0 = data(model.config, batch=4)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        out = diffusion_loss(model, x0, generator=g1)
+        # MDLM by hand: same draws, one t per sequence, bidirectional pass on x_t, weight 1/t on masked tokens.
+        t = stratified_t(4, 1, (1e-3, 1.0), g2)
+        masked = sample_mask(4, 16, 16, t, get_schedule("loglinear"), generator=g2)
+        xt = torch.where(masked, model.config.mask_index, x0)
+        logits = model(input_ids=xt).logits.float()
+    logits[..., model.config.mask_index] = -math.inf
+    nll = -logits.log_softmax(-1).gather(-1, x0[..., None]).squeeze(-1)
+    ref = (torch.where(masked, nll, 0.0) / t).sum() / 64
+    assert abs(out.loss.item() - ref.item()) <= 1e-6
+
+
+def test_subs_unmasked_positions_contribute_zero_and_mask_gets_no_probability():
+    model = tiny_model(block_size=4)
+    x0 = data(model.config)
+    t = torch.tensor([[1e-9, 1.0, 1e-9, 0.5], [1.0, 1e-9, 1e-9, 1e-9]])
+    with torch.no_grad():
+        out = diffusion_loss(model, x0, t=t, generator=torch.Generator().manual_seed(0))
+    untouched = t < 1e-6  # P(any mask) = 4e-9: these blocks are clean and must contribute exactly 0
+    assert torch.equal(out.per_block[untouched], torch.zeros(int(untouched.sum())))
+    assert (out.per_block[t == 1.0] > 0).all()
+    from bd3lm.objectives import masked_cross_entropy
+
+    logits = torch.randn(5, 33)
+    target = torch.full((5,), 32)  # the mask token itself is impossible under SUBS
+    assert torch.isinf(masked_cross_entropy(logits, target, 32)).all()
+
+
+def exact_nelbo(model, x0):
+    """Σ_b Σ_{S ⊆ block} c_b(S) ∫ (1/t) t^k (1-t)^{L'-k} dt = Σ c_b(S) B(k, L'-k+1), enumerated exactly."""
+    bs, m = model.config.block_size, model.config.mask_index
+    total = torch.zeros(x0.shape[0], dtype=torch.float64)
+    for b in range(x0.shape[1] // bs):
+        blk = x0[:, b * bs : (b + 1) * bs]
+        for pattern in product([0, 1], repeat=bs):
+            k = sum(pattern)
+            if k == 0:
+                continue
+            s = torch.tensor(pattern, dtype=torch.bool)
+            lp = seq_logprobs(model, x0[:, : b * bs], torch.where(s, m, blk))
+            c = -(lp.gather(-1, blk[..., None]).squeeze(-1) * s).sum(-1)
+            beta = math.exp(math.lgamma(k) + math.lgamma(bs - k + 1) - math.lgamma(bs + 1))
+            total += c * beta
+    return total
+
+
+def test_nelbo_is_unbiased_against_exact_enumeration():
+    model = tiny_model(block_size=4)
+    x0 = data(model.config)
+    exact = exact_nelbo(model, x0)
+    g = torch.Generator().manual_seed(0)
+    reps = torch.stack([nelbo(model, x0, num_samples=25, generator=g).double() for _ in range(40)])
+    mean, se = reps.mean(0), reps.std(0) / math.sqrt(reps.shape[0])
+    assert ((mean - exact).abs() <= 3 * se).all(), (mean, exact, se)
+    assert (se < 0.05 * exact).all()  # the test has power: the standard error is small
+
+
+def test_nelbo_of_an_ar_model_is_its_exact_nll():
+    model = tiny_model(causal=True, cross_attn=False, adaln=False, block_size=1)
+    x0 = data(model.config)
+    with torch.no_grad():
+        logits = model(input_ids=x0).logits[:, :-1].float()
+    logits[..., model.config.mask_index] = -math.inf
+    ref = F.cross_entropy(logits.reshape(-1, 33), x0[:, 1:].reshape(-1), reduction="none").view(2, -1).sum(1)
+    assert torch.allclose(nelbo(model, x0), ref, atol=1e-5)
+    assert ar_loss(model, x0).n_tokens == 30
+
+
+@pytest.mark.parametrize("name", ["loglinear", "linear", "cosine", "square", "square_root", "log"])
+def test_every_schedule_trains(name):
+    model = tiny_model(block_size=4).train()
+    x0 = data(model.config)
+    out = diffusion_loss(model, x0, schedule=name, interval=(0.1, 0.9), generator=torch.Generator().manual_seed(1))
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert torch.isfinite(out.loss) and out.loss > 0 and len(grads) > 0
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("bs", [1, 4, 16])
+def test_overfitting_drives_the_nelbo_down(bs):
+    torch.manual_seed(0)
+    cfg = bd3lm.BD3LMConfig(vocab_size=17, model_length=16, block_size=bs, hidden_dim=64, cond_dim=32, n_blocks=2,
+                            n_heads=4, dropout=0.0, cross_attn=bs < 16)
+    model = bd3lm.BD3LM(cfg)
+    x0 = torch.randint(0, 16, (2, 16), generator=torch.Generator().manual_seed(3)).repeat(4, 1)
+    g = torch.Generator().manual_seed(0)
+    before = nelbo(model.eval(), x0[:2], num_samples=8, generator=g).mean().item()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(400):
+        opt.zero_grad()
+        diffusion_loss(model, x0, generator=g).loss.backward()
+        opt.step()
+    after = nelbo(model.eval(), x0[:2], num_samples=8, generator=g).mean().item()
+    assert after < before / 5, (before, after)
+
+
+def test_bad_input_is_one_line():
+    model = tiny_model(block_size=4)
+    x0 = data(model.config)
+    cases = [
+        (dict(interval=(0.4, 0.45)), "admits no whole number of masked tokens"),
+        (dict(interval=(0.8, 0.3)), "beta > omega"),
+        (dict(interval=(-0.1, 0.5)), r"must lie in \[0, 1\]"),
+        (dict(t=torch.full((2, 4), 1.5)), r"values in \[0, 1\]"),
+    ]
+    for kw, msg in cases:
+        with pytest.raises(ValueError, match=msg) as info:
+            diffusion_loss(model, x0, **kw)
+        assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="sequence length 14 is not a multiple of block_size 4"):
+        diffusion_loss(model, x0[:, :14])
+    with pytest.raises(ValueError, match="non-empty"):
+        diffusion_loss(model, x0[:0])
+    with pytest.raises(ValueError, match="contains the mask token id 32"):
+        diffusion_loss(model, torch.full((1, 16), 32))
