@@ -356,6 +356,7 @@ class BD3LM(PreTrainedModel):
         positions: Tensor | None = None,
         attention_mask: Tensor | None = None,
         logits_mask: Tensor | None = None,
+        output_all: bool = False,
         output_hidden_states: bool = False,
         **kwargs,
     ) -> BD3LMOutput:
@@ -371,6 +372,8 @@ class BD3LM(PreTrainedModel):
             positions: rotary positions for the plain pass (default ``0..N-1``).
             logits_mask: optional (B, N_out) boolean; the output head then runs only on the selected rows and
                 ``logits`` is (M, V) in row-major order (the masked-token loss needs no other row).
+            output_all: two-stream pass only: also compute the clean half's outputs, logits (B, 2n, V), as the
+                official code does (for benchmarks and checks; training never needs them).
         """
         self._check_ids(input_ids)
         cfg = self.config
@@ -399,7 +402,7 @@ class BD3LM(PreTrainedModel):
                 ar = torch.arange(n, device=input_ids.device)
                 positions = torch.cat([ar, ar]) if positions is None else positions
                 mask = StructuredMask("two_stream", n, cfg.block_size, 2 * n)
-                n_keep = n
+                n_keep = None if output_all else n
             else:
                 if n_in > L:
                     raise ValueError(
