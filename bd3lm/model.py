@@ -323,6 +323,20 @@ class BD3LM(PreTrainedModel):
             raise ValueError(f"checkpoint {os.fspath(path)!r} does not match the BD3LM config: {detail}")
         return (model, info) if want_info else model
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Write config.json + model.safetensors in the official layout.
+
+        ``attn_backend=None`` (automatic) is written as ``"sdpa"``, a value the official code understands.
+        """
+        auto = self.config.attn_backend in (None, "auto")
+        if auto:
+            self.config.attn_backend = "sdpa"
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            if auto:
+                self.config.attn_backend = None
+
     def _init_weights(self, module: nn.Module) -> None:
         """Initialisation is done by the modules themselves (kaiming embedding, zero adaLN and head)."""
 

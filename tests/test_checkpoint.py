@@ -49,6 +49,7 @@ def test_save_load_round_trip_is_exact(tmp_path):
     assert set(saved) == set(official_state_dict_keys(2))
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["model_type"] == "bd3lm" and cfg["architectures"] == ["BD3LM"] and cfg["block_size"] == 4
+    assert cfg["attn_backend"] == "sdpa" and model.config.attn_backend is None  # official code reads sdpa/flex
     loaded = bd3lm.BD3LM.from_pretrained(tmp_path).eval()
     for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(a, b)
