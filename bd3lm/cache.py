@@ -60,9 +60,13 @@ class KVCache:
         self.pending = m
         return self.k[layer, :, :, :end].to(k.dtype), self.v[layer, :, :, :end].to(v.dtype)
 
-    def commit(self) -> None:
-        """Keep the positions written by the last forward (a finished clean block) as part of the prefix."""
-        self.length += self.pending
+    def commit(self, n: int | None = None) -> None:
+        """Keep the positions written by the last forward as part of the prefix: all of them (a finished clean
+        block), or only the first ``n`` (a clean prefix encoded together with a noisy block)."""
+        n = self.pending if n is None else n
+        if not 0 <= n <= self.pending:
+            raise ValueError(f"cannot commit {n} positions; the last forward wrote {self.pending}")
+        self.length += n
         self.pending = 0
 
     def drop_oldest(self, m: int) -> None:

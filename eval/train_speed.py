@@ -107,7 +107,8 @@ def main() -> None:
             rows.append(json.loads(out))
             r = rows[-1]
             print(f"{r['variant']:>22} {r['precision']:>5}  {r['seconds_per_step'] * 1000:8.0f} ms/step  "
-                  f"{r['tokens_per_second']:8.0f} tok/s  peak RSS {r['peak_rss_mb']:7.0f} MB  ({r['params_m']:.1f}M params)",
+                  f"{r['tokens_per_second']:8.0f} tok/s  peak RSS {r['peak_rss_mb']:7.0f} MB  "
+                  f"({r['params_m']:.1f}M params)",
                   flush=True)
     with open(args.output, "w") as f:
         json.dump({"settings": {k: v for k, v in vars(args).items() if k not in ("variant", "precision")},

@@ -1,0 +1,39 @@
+"""First-hitting sampler (Zheng et al. 2024, "Masked diffusion models are secretly time-agnostic masked models
+and exploit inaccurate categorical sampling", §4; the default sampler of MDLM and BD3-LM).
+
+Under the absorbing process every masked position of a block is revealed at an independent, identically
+distributed time, so the next position to be revealed is uniform over the masked ones, and the token it takes
+is a draw from ``p_theta(x0)`` at that position. The time of that event is irrelevant to a model without time
+conditioning, hence this rule reveals exactly one uniformly chosen masked position per network call.
+
+NFE per block = number of positions generated in it (plus the engine's one commit forward per finished block).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from bd3lm.sampling.processing import TokenSampler
+from bd3lm.sampling.rules import BlockRule
+
+__all__ = ["FirstHittingRule"]
+
+
+class FirstHittingRule(BlockRule):
+    """Reveal one position per step, uniform over the row's ``todo`` positions, with a token ~ p(x0)."""
+
+    name = "first_hitting"
+
+    def step(self, logits: Tensor, todo: Tensor, sampler: TokenSampler) -> tuple[Tensor, Tensor]:
+        b, n = todo.shape
+        score = sampler.uniform((b, n), todo.device).masked_fill(~todo, -1.0)
+        pos = score.argmax(dim=-1)  # uniform over the todo positions (i.i.d. uniforms, argmax)
+        rows = torch.arange(b, device=todo.device)
+        chosen = sampler.sample(logits[rows, pos])  # (B,)
+        reveal = torch.zeros_like(todo)
+        reveal[rows, pos] = True
+        reveal &= todo
+        tokens = torch.zeros(todo.shape, dtype=torch.long, device=todo.device)
+        tokens[rows, pos] = chosen
+        return tokens, reveal

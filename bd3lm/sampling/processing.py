@@ -1,0 +1,148 @@
+"""Logits processing and categorical sampling shared by every update rule.
+
+Order of operations (the Hugging Face ``generate`` order): SUBS mask removal, temperature, top-k, top-p.
+
+- **SUBS at sampling** (Sahoo et al. 2024, MDLM §3.2.3; BD3-LM §3): the mask token never receives probability
+  mass, so its logit is set to ``-inf`` before any normalisation.
+- **Temperature** ``T``: logits are divided by ``T``; ``T = 0`` is greedy decoding (``argmax``, no
+  randomness).
+- **Top-k**: keep the tokens whose logit is ``>=`` the k-th largest (ties at the boundary are kept, as in
+  ``transformers.TopKLogitsWarper``); ``k = 0`` disables it.
+- **Top-p (nucleus, Holtzman et al. 2020)**, *Hugging Face convention*: keep the smallest set of most probable
+  tokens whose total probability is ``>= p``, i.e. a token is kept iff the probability mass of the tokens
+  ranked strictly above it is ``< p``. The token that crosses ``p`` is therefore **kept**. The official BD3-LM
+  code keeps only the tokens with cumulative probability ``<= p`` (plus the top-1), dropping the crossing
+  token, so its nucleus is never larger than ours and its retained mass is ``< p``.
+- **Sampling** is done in float64 with the exponential race: ``argmax_v p_v / E_v`` with ``E_v ~ Exp(1)``
+  i.i.d., written as ``argmax_v (log p_v - log E_v)`` (a Gumbel-max draw), which returns ``v`` with
+  probability exactly ``p_v`` and never a token with ``p_v = 0``. All randomness comes from one
+  ``torch.Generator``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "TokenSampler",
+    "check_sampling_args",
+    "sample_categorical",
+    "subs_logits",
+    "top_k_filter",
+    "top_p_filter",
+]
+
+_NEG_INF = float("-inf")
+
+
+def check_sampling_args(temperature: float, top_k: int, top_p: float) -> None:
+    """Raise a one-line ``ValueError`` naming the bad value of ``temperature``, ``top_k`` or ``top_p``."""
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy); got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0 = off); got {top_k!r}")
+    if not isinstance(top_p, (int, float)) or not (0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1]; got {top_p!r}")
+
+
+def subs_logits(logits: Tensor, mask_index: int) -> Tensor:
+    """float64 copy of ``logits`` with the mask token's logit set to ``-inf`` (SUBS: m never gets mass)."""
+    out = logits.to(torch.float64)
+    out[..., mask_index] = _NEG_INF
+    return out
+
+
+def top_k_filter(logits: Tensor, k: int) -> Tensor:
+    """Set to ``-inf`` every logit below the ``k``-th largest of its row (ties kept); ``k = 0`` is a no-op."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, _NEG_INF)
+
+
+def top_p_filter(logits: Tensor, p: float) -> Tensor:
+    """Nucleus filter, Hugging Face convention (see the module docstring); ``p = 1`` is a no-op.
+
+    A token is removed iff the probability mass of the tokens ranked strictly above it is ``>= p``; the most
+    probable token is therefore always kept.
+    """
+    if p >= 1.0:
+        return logits
+    probs = torch.softmax(logits.to(torch.float64), dim=-1)
+    sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    mass_above = torch.cumsum(sorted_p, dim=-1) - sorted_p
+    remove_sorted = mass_above >= p
+    remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
+    return logits.masked_fill(remove, _NEG_INF)
+
+
+def sample_categorical(log_probs: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One draw per row of the categorical ``softmax(log_probs)`` via the float64 exponential race.
+
+    ``argmax_v (log p_v - log E_v)``, ``E_v ~ Exp(1)``: the winner is ``v`` with probability ``p_v`` (the
+    race of independent exponential clocks with rates ``p_v``); tokens with ``log p_v = -inf`` never win.
+    """
+    lp = log_probs.to(torch.float64)
+    e = torch.empty(lp.shape, dtype=torch.float64, device=lp.device).exponential_(generator=generator)
+    return torch.argmax(lp - torch.log(e.clamp_min(1e-300)), dim=-1)
+
+
+class TokenSampler:
+    """Turns raw logits into tokens with the shared processing; owns the run's random generator.
+
+    Args:
+        mask_index: id of the mask token (never sampled).
+        temperature: ``0`` = greedy ``argmax``; otherwise logits are divided by it.
+        top_k: keep the ``k`` most likely tokens (``0`` = off).
+        top_p: nucleus mass in (0, 1] (``1`` = off), Hugging Face convention.
+        generator: the source of every random draw of the run (reproducible with a seed).
+    """
+
+    def __init__(
+        self,
+        mask_index: int,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        check_sampling_args(temperature, top_k, top_p)
+        self.mask_index = int(mask_index)
+        self.temperature = float(temperature)
+        self.top_k = int(top_k)
+        self.top_p = float(top_p)
+        self.generator = generator
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def log_probs(self, logits: Tensor) -> Tensor:
+        """float64 log-probabilities of the *sampling* distribution (temperature, top-k, top-p applied).
+
+        At temperature 0 this is the model distribution (temperature 1) with the same filters; :meth:`sample`
+        then takes its argmax.
+        """
+        x = subs_logits(logits, self.mask_index)
+        if not self.greedy:
+            x = x / self.temperature
+        x = top_k_filter(x, self.top_k)
+        x = top_p_filter(x, self.top_p)
+        return torch.log_softmax(x, dim=-1)
+
+    def model_probs(self, logits: Tensor) -> Tensor:
+        """float64 ``p_theta(x0)`` at temperature 1 without filters (SUBS: the mask has probability 0)."""
+        return torch.softmax(subs_logits(logits, self.mask_index), dim=-1)
+
+    def sample(self, logits: Tensor) -> Tensor:
+        """Tokens (...,) for raw logits (..., V): greedy ``argmax`` at temperature 0, else a float64 draw."""
+        if self.greedy:
+            return torch.argmax(subs_logits(logits, self.mask_index), dim=-1)
+        return sample_categorical(self.log_probs(logits), self.generator)
+
+    def uniform(self, shape: tuple[int, ...], device: torch.device) -> Tensor:
+        """float64 uniforms in [0, 1) from the run's generator (used by the update rules)."""
+        return torch.rand(shape, dtype=torch.float64, device=device, generator=self.generator)

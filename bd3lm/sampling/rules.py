@@ -1,0 +1,97 @@
+"""Within-block update rules: the interface and the registry.
+
+A BD3-LM block is denoised from all-mask to clean by repeated calls to the network, each returning raw logits
+of ``p_theta(x0^b | x_t^b, x^{<b})`` for the block's L' positions (Arriola et al. 2025, §3–4). An update rule
+decides, from those logits, which still-masked positions to reveal at this step and with which tokens.
+Revealed tokens are frozen (the carry-over of SUBS). The engine (:mod:`bd3lm.sampling.engine`) runs the model
+only when the block changed since the last call, so a rule step that reveals nothing costs no network
+evaluation.
+
+Rules see a boolean ``todo`` (B, L') of positions still to generate. Positions outside ``todo`` (prompt tokens
+of a block the prompt ends in, already revealed tokens, positions past ``max_new_tokens``) are never touched.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from bd3lm.sampling.processing import TokenSampler
+
+__all__ = ["BlockRule", "RULES", "make_rule", "scatter_tokens"]
+
+
+class BlockRule(ABC):
+    """One within-block denoising rule.
+
+    Subclasses implement :meth:`step`; :meth:`start_block` resets per-block state (called before the first
+    step of every block). A step must reveal at least one ``todo`` position per row within a finite number of
+    calls so that every block terminates.
+    """
+
+    name: ClassVar[str] = ""
+
+    def start_block(self, todo: Tensor) -> None:  # noqa: B027 - optional hook, stateless rules need nothing
+        """Reset per-block state; ``todo`` (B, L') marks the positions to generate in this block."""
+
+    @abstractmethod
+    def step(self, logits: Tensor, todo: Tensor, sampler: TokenSampler) -> tuple[Tensor, Tensor]:
+        """One update from raw ``logits`` (B, L', V) of the current block.
+
+        Returns ``(tokens, reveal)``: ``tokens`` (B, L') long (only read where ``reveal``) and ``reveal``
+        (B, L') bool, a subset of ``todo``.
+        """
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def scatter_tokens(todo_like: Tensor, where: Tensor, values: Tensor) -> Tensor:
+    """A (B, L') long tensor with ``values`` (M,) at the ``where`` (B, L') positions and 0 elsewhere."""
+    out = torch.zeros(todo_like.shape, dtype=torch.long, device=todo_like.device)
+    out[where] = values
+    return out
+
+
+def _registry() -> dict[str, type[BlockRule]]:
+    from bd3lm.sampling.confidence import ConfidenceRule
+    from bd3lm.sampling.ddpm import DDPMRule
+    from bd3lm.sampling.first_hitting import FirstHittingRule
+
+    return {r.name: r for r in (FirstHittingRule, DDPMRule, ConfidenceRule)}
+
+
+RULES: tuple[str, ...] = ("first_hitting", "ddpm", "confidence")
+
+
+def make_rule(
+    sampler: str | BlockRule, block_size: int, steps: int | None, threshold: float | None
+) -> BlockRule:
+    """Build the rule named ``sampler`` (first_hitting, ddpm, confidence) or pass an instance through.
+
+    ``steps`` (DDPM steps per block, default L') applies only to ``ddpm``; ``threshold`` (default 0.9) only to
+    ``confidence``. Raises a one-line ``ValueError`` otherwise.
+    """
+    if isinstance(sampler, BlockRule):
+        if steps is not None or threshold is not None:
+            raise ValueError(
+                "steps/threshold configure a sampler given by name; pass them to the rule instance"
+            )
+        return sampler
+    rules = _registry()
+    if sampler not in rules:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(RULES)} or a BlockRule")
+    if steps is not None and sampler != "ddpm":
+        raise ValueError(f"steps={steps!r} applies only to sampler='ddpm'; got sampler={sampler!r}")
+    if threshold is not None and sampler != "confidence":
+        raise ValueError(
+            f"threshold={threshold!r} applies only to sampler='confidence'; got sampler={sampler!r}"
+        )
+    if sampler == "ddpm":
+        return rules[sampler](steps=block_size if steps is None else steps)
+    if sampler == "confidence":
+        return rules[sampler](threshold=0.9 if threshold is None else threshold)
+    return rules[sampler]()
