@@ -114,8 +114,10 @@ class LayerNorm(nn.Module):
         self.dim = dim
 
     def forward(self, x: Tensor) -> Tensor:
+        autocast = torch.is_autocast_enabled(x.device.type)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return F.layer_norm(x.float(), (self.dim,)) * self.weight
+            out = F.layer_norm(x.float(), (self.dim,)) * self.weight.float()
+        return out if autocast else out.to(self.weight.dtype)
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -162,7 +164,8 @@ class TimestepEmbedder(nn.Module):
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, device=sigma.device, dtype=torch.float32) / half)
         args = sigma.float()[:, None] * freqs[None]
-        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
 
 class EmbeddingLayer(nn.Module):
@@ -434,7 +437,7 @@ class BD3LM(PreTrainedModel):
                     mask = (am if dense is None else am & dense)[:, None]
                 n_keep = None
             backend = self.attn_backend(input_ids.device)
-            if isinstance(mask, Tensor) and backend == "flex":
+            if isinstance(mask, Tensor) and backend in ("flex", "flash_attn"):  # padding needs a dense mask
                 backend = "sdpa"
 
         bb = self.backbone

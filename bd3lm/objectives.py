@@ -57,7 +57,8 @@ def _check_batch(model, x0: Tensor) -> tuple[int, int]:
 
 
 def _is_full_range(interval: tuple[float, float]) -> bool:
-    return interval[0] <= FULL_RANGE[0] + 1e-9 and interval[1] >= 1.0 - 1e-9
+    """[β, ω] ⊇ [1e-3, 0.999] (the official default buffers) counts as unclipped: masked fractions are free."""
+    return interval[0] <= FULL_RANGE[0] + 1e-9 and interval[1] >= 0.999 - 1e-9
 
 
 def stratified_t(
@@ -139,7 +140,7 @@ def diffusion_loss(
             raise ValueError(f"block_size {bs} < length {n} needs a cross_attn (two-stream) model")
         out = model(input_ids=x_t, timesteps=timesteps, logits_mask=masked)
     else:
-        out = model(input_ids=torch.cat([x_t, x0], 1), timesteps=timesteps, logits_mask=masked)
+        out = model(input_ids=torch.cat([x_t, x0], 1), timesteps=timesteps, logits_mask=masked, two_stream=True)
     ce = masked_cross_entropy(out.logits, x0[masked], cfg.mask_index)
     weight = torch.ones_like(t) if all_masked else sched.weight(t.clamp_min(1e-12))
     w_tok = weight.repeat_interleave(bs, dim=1)[masked].float()

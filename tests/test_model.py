@@ -117,3 +117,21 @@ def test_public_api_names():
                             n_heads=2)
     assert cfg.mask_index == 9
     assert bd3lm.BD3LMConfig(vocab_size=10, model_length=8, mask_token_id=3).mask_index == 3
+
+
+def test_bf16_weights_run_without_autocast():
+    model = tiny_model().to(torch.bfloat16)
+    xt, x0 = sample_pair(model.config)
+    with torch.no_grad():
+        logits = model(input_ids=torch.cat([xt, x0], 1)).logits
+    ref = two_stream(tiny_model(), xt, x0)
+    assert logits.dtype == torch.bfloat16 and (logits.float() - ref).abs().max().item() < 0.25
+
+
+def test_shorter_two_stream_input_needs_the_explicit_flag():
+    model = tiny_model(block_size=4)
+    xt, x0 = sample_pair(model.config)
+    with torch.no_grad():
+        short = model(input_ids=torch.cat([xt[:, :8], x0[:, :8]], 1), two_stream=True).logits
+        full = two_stream(model, xt, x0)
+    assert short.shape == (2, 8, 33) and (short - full[:, :8]).abs().max().item() <= 1e-5

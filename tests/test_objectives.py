@@ -160,3 +160,15 @@ def test_bad_input_is_one_line():
         diffusion_loss(model, x0[:0])
     with pytest.raises(ValueError, match="contains the mask token id 32"):
         diffusion_loss(model, torch.full((1, 16), 32))
+
+
+def test_official_default_interval_is_the_full_range_and_short_sequences_work():
+    from bd3lm.objectives import _is_full_range
+
+    assert _is_full_range((1e-3, 0.999)) and not _is_full_range((1e-3, 0.9))
+    model = tiny_model(block_size=1)
+    out = diffusion_loss(model, data(model.config), interval=(1e-3, 0.999), generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out.loss)
+    model = tiny_model(block_size=4)
+    x0 = data(model.config)[:, :8]  # evaluation at a length other than model_length
+    assert nelbo(model, x0, num_samples=2, generator=torch.Generator().manual_seed(0)).shape == (2,)
