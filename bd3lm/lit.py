@@ -1,0 +1,423 @@
+"""Lightning wrapper for training BD3-LM, MDLM (block size = L) and AR models.
+
+The module is thin: the loss is :func:`bd3lm.objectives.loss`, validation is :func:`bd3lm.objectives.nelbo`,
+the clip-interval search is :func:`bd3lm.schedule_search.clipped_schedule_search`. What lives here is the
+training state around them:
+
+* AdamW (lr 3e-4, betas (0.9, 0.999), weight decay 0) with linear warm-up then a constant rate;
+* an :class:`~bd3lm.ema.EMA` of the weights, swapped in for validation (and used for sampling/export);
+* one noise generator per rank (:func:`bd3lm.noise.rank_generator`), whose state is checkpointed;
+* the training clip interval, kept in the model buffers ``sampling_eps_min/max`` (so it is checkpointed and
+  exported) and replaced by the search winner every ``search_every`` validation rounds;
+* everything needed for an exact resume (RNG states of every rank, data position, EMA, search round).
+
+Data, callbacks and checkpoint/export helpers live in :mod:`bd3lm.lit_data`, :mod:`bd3lm.lit_callbacks` and
+:mod:`bd3lm.lit_checkpoint`. Only these ``lit*`` modules, ``train.py`` and ``configs/`` import Lightning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from bd3lm.ema import EMA
+from bd3lm.lit_checkpoint import rng_state, set_rng_state
+from bd3lm.model import BD3LM
+from bd3lm.noise import rank_generator
+
+__all__ = ["BD3LMLit", "TrainSettings", "block_size_override", "validation_nelbo"]
+
+#: Seed offsets that separate the validation and search noise streams from the training stream.
+VAL_SEED_OFFSET = 1_000_003
+SEARCH_SEED_OFFSET = 2_000_003
+FULL_RANGE = (1e-3, 1.0)
+
+
+@dataclass
+class TrainSettings:
+    """Hyper-parameters of :class:`BD3LMLit` (the Hydra ``optim``/``ema``/``algo``/``noise`` groups)."""
+
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 2500
+    ema_decay: float | None = 0.9999
+    schedule: str = "loglinear"
+    seed: int = 1
+    search_every: int = 1
+    search_batches: int = 4
+    clip_widths: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
+    var_min: bool = True
+    log_dir: str | None = None
+    init_eval: dict = field(default_factory=dict)
+
+
+@contextmanager
+def block_size_override(model: BD3LM, block_size: int) -> Iterator[BD3LM]:
+    """Temporarily evaluate ``model`` at another block size (the weights do not depend on it)."""
+    old = model.config.block_size
+    if model.config.model_length % block_size:
+        raise ValueError(f"block_size {block_size} does not divide model_length {model.config.model_length}")
+    model.config.block_size = int(block_size)
+    try:
+        yield model
+    finally:
+        model.config.block_size = old
+
+
+def tokens_per_sequence(model: BD3LM, length: int) -> int:
+    """Tokens a sequence contributes to the per-token NELBO (AR predicts positions 1..L-1)."""
+    return length - 1 if model.config.causal else length
+
+
+@torch.no_grad()
+def validation_nelbo(
+    model: BD3LM, batches: Iterable[Tensor], *, seed: int, rank: int = 0, schedule: str = "loglinear"
+) -> tuple[float, int]:
+    """(Σ NELBO in nats, number of tokens) over ``batches`` with the validation noise of ``(seed, rank)``.
+
+    This is exactly what :class:`BD3LMLit` logs as ``val/nll`` (sum / tokens) for the same batches and seed.
+    """
+    from bd3lm.objectives import nelbo
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    gen = rank_generator(seed + VAL_SEED_OFFSET, rank, device=device)
+    total, tokens = torch.zeros((), dtype=torch.float64, device=device), 0
+    try:
+        for x0 in batches:
+            x0 = x0.to(device)
+            total += nelbo(model, x0, generator=gen, schedule=schedule).double().sum()
+            tokens += x0.shape[0] * tokens_per_sequence(model, x0.shape[1])
+    finally:
+        model.train(was_training)
+    return float(total), tokens
+
+
+class BD3LMLit(L.LightningModule):
+    """LightningModule around a :class:`~bd3lm.BD3LM` (any of BD3-LM / MDLM / AR).
+
+    Args:
+        model: the network (freshly initialised, or warm-started with
+            :func:`bd3lm.lit_checkpoint.load_init_weights`).
+        settings: optimisation, EMA, noise and search settings.
+    """
+
+    def __init__(self, model: BD3LM, settings: TrainSettings | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.settings = settings or TrainSettings()
+        s = self.settings
+        self.ema = EMA(model, s.ema_decay) if s.ema_decay else None
+        self.noise_gen: torch.Generator | None = None
+        self.batches_seen = 0  # micro-batches trained on (the data position)
+        self.val_rounds = 0  # completed validation rounds during fit (not sanity checks)
+        self.last_val_step = -1
+        self.last_val: dict[str, float] = {}
+        self._pending: dict | None = None  # states restored from a checkpoint, applied in on_train_start
+        self._val_sum: Tensor | None = None
+        self._val_tokens = 0
+        self._search_data: list[Tensor] = []
+        self.rank_info: dict = {}
+
+    # ------------------------------------------------------------------ interval
+
+    @property
+    def searches(self) -> bool:
+        """Whether this model runs the clipped-schedule search (var_min diffusion models only)."""
+        return (
+            bool(self.settings.var_min)
+            and hasattr(self.model, "sampling_eps_min")
+            and not self.model.config.causal
+        )
+
+    def interval(self) -> tuple[float, float]:
+        """The current training clip interval [β, ω] (model buffers; the full range without them)."""
+        if hasattr(self.model, "sampling_eps_min"):
+            return float(self.model.sampling_eps_min), float(self.model.sampling_eps_max)
+        return FULL_RANGE
+
+    def set_interval(self, lo: float, hi: float) -> None:
+        """Set the training interval (buffers and config, so that checkpoints and exports carry it)."""
+        self.model.sampling_eps_min.fill_(float(lo))
+        self.model.sampling_eps_max.fill_(float(hi))
+        self.model.config.sampling_eps_min, self.model.config.sampling_eps_max = float(lo), float(hi)
+
+    # ------------------------------------------------------------------ setup / optimisation
+
+    def configure_optimizers(self):
+        from transformers import get_constant_schedule_with_warmup
+
+        s = self.settings
+        opt = torch.optim.AdamW(
+            self.model.parameters(), lr=s.lr, betas=tuple(s.betas), eps=s.eps, weight_decay=s.weight_decay
+        )
+        sched = get_constant_schedule_with_warmup(opt, num_warmup_steps=int(s.warmup_steps))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    def on_fit_start(self) -> None:
+        seed, rank = int(self.settings.seed), int(self.global_rank)
+        self.noise_gen = rank_generator(seed, rank, device=self.device)
+        if self.ema is not None:
+            self.ema.to(self.device)
+        if self._pending is None:  # fresh run: distinct dropout streams per rank
+            torch.manual_seed(rank_generator(seed + 17, rank).initial_seed())
+
+    def on_train_start(self) -> None:
+        if self._pending is not None:
+            self._apply_pending()
+        elif self.settings.init_eval:
+            self._init_eval()
+        self._record_rank_info()
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        from bd3lm.objectives import loss
+
+        out = loss(
+            self.model,
+            batch,
+            schedule=self.settings.schedule,
+            interval=self.interval(),
+            generator=self.noise_gen,
+        )
+        self.batches_seen += 1
+        self.log("train/loss", out.loss.detach(), on_step=True, prog_bar=True)
+        if self._trainer is not None and self.trainer.optimizers:
+            self.log("train/lr", float(self.trainer.optimizers[0].param_groups[0]["lr"]), on_step=True)
+        return out.loss
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:
+            self.ema.update(self.model)
+
+    def on_exception(self, exception: BaseException) -> None:
+        if self.ema is not None:
+            self.ema.restore(self.model)
+
+    # ------------------------------------------------------------------ validation
+
+    def _fitting(self) -> bool:
+        return self.trainer.state.fn == "fit" and not self.trainer.sanity_checking
+
+    def _search_due(self) -> bool:
+        every = int(self.settings.search_every or 0)
+        return self.searches and every > 0 and self._fitting() and (self.val_rounds + 1) % every == 0
+
+    def on_validation_epoch_start(self) -> None:
+        if self.ema is not None and not self.ema.is_swapped:
+            self.ema.store(self.model)
+        self._val_gen = rank_generator(
+            int(self.settings.seed) + VAL_SEED_OFFSET, int(self.global_rank), device=self.device
+        )
+        self._val_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._val_tokens = 0
+        self._search_data = []
+
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        from bd3lm.objectives import nelbo
+
+        nll = nelbo(self.model, batch, generator=self._val_gen, schedule=self.settings.schedule)
+        self._val_sum += nll.double().sum()
+        self._val_tokens += batch.shape[0] * tokens_per_sequence(self.model, batch.shape[1])
+        if self._search_due() and len(self._search_data) < int(self.settings.search_batches):
+            self._search_data.append(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        try:
+            totals = torch.stack(
+                [
+                    self._val_sum,
+                    torch.tensor(float(self._val_tokens), dtype=torch.float64, device=self.device),
+                ]
+            )
+            totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+            nll = float(totals[0] / totals[1].clamp_min(1))
+            metrics = {"val/nll": nll, "val/ppl": math.exp(min(nll, 700.0)), "val/bpd": nll / math.log(2)}
+            for k, v in metrics.items():
+                self.log(k, v, prog_bar=k == "val/ppl", sync_dist=False)
+            if self._fitting():
+                if self._search_due() and self._search_data:
+                    self._run_search()
+                self.val_rounds += 1
+            if not self.trainer.sanity_checking:
+                self.last_val_step = int(self.global_step)
+                self.last_val = metrics
+        finally:
+            self._search_data = []
+            if self.ema is not None:
+                self.ema.restore(self.model)
+
+    def _run_search(self) -> None:
+        from bd3lm.schedule_search import clipped_schedule_search, default_candidates
+
+        s, world = self.settings, self.trainer.world_size
+        gen = rank_generator(
+            int(s.seed) + SEARCH_SEED_OFFSET + self.val_rounds, int(self.global_rank), device=self.device
+        )
+        cands = default_candidates(self.model.config.block_size, tuple(s.clip_widths))
+        res = clipped_schedule_search(
+            self.model,
+            self._search_data,
+            candidates=cands,
+            schedule=s.schedule,
+            generator=gen,
+            all_gather=self.all_gather if world > 1 else None,
+        )
+        lo, hi = self.trainer.strategy.broadcast(tuple(map(float, res.best)), src=0)
+        old = self.interval()
+        self.set_interval(lo, hi)
+        self.log("search/eps_min", lo, sync_dist=False)
+        self.log("search/eps_max", hi, sync_dist=False)
+        if self.trainer.is_global_zero:
+            self._report_search(res.table, old, (lo, hi))
+
+    def _report_search(self, table: list[dict], old: tuple[float, float], new: tuple[float, float]) -> None:
+        rows = sorted(table, key=lambda r: r["variance"])
+        if self.settings.log_dir:
+            rec = {
+                "step": int(self.global_step),
+                "previous": list(old),
+                "best": list(new),
+                "table": [
+                    {"interval": list(r["interval"]), "variance": r["variance"], "mean": r["mean"]}
+                    for r in table
+                ],
+            }
+            with open(Path(self.settings.log_dir) / "clip_search.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        top = ", ".join(
+            f"[{r['interval'][0]:.3g},{r['interval'][1]:.3g}] var {r['variance']:.4g}" for r in rows[:3]
+        )
+        full = next((r for r in table if tuple(r["interval"]) == FULL_RANGE), None)
+        ref = f"; full range var {full['variance']:.4g}" if full else ""
+        print(
+            f"[clip search @ step {self.global_step}] interval {old[0]:.3g}-{old[1]:.3g} -> "
+            f"{new[0]:.3g}-{new[1]:.3g} (best: {top}{ref})",
+            flush=True,
+        )
+
+    # ------------------------------------------------------------------ fine-tuning diagnostics
+
+    def _init_eval(self) -> None:
+        """Warm start, before the first step: NELBO of the initial weights at the new and the source L'."""
+        info = dict(self.settings.init_eval)
+        loader = self.trainer.datamodule.val_dataloader()
+        limit = self.trainer.limit_val_batches
+        n = len(loader) if isinstance(limit, float) else min(len(loader), int(limit))
+        batches = [b for _, b in zip(range(n), loader, strict=False)]
+        metrics = {}
+        ctx = self.ema.swapped(self.model) if self.ema is not None else nullcontext()
+        with ctx:
+            sizes = {"init/val_nll": self.model.config.block_size}
+            if info.get("source_block_size"):
+                sizes["init/val_nll_source"] = int(info["source_block_size"])
+            for name, bs in sizes.items():
+                with block_size_override(self.model, bs):
+                    total, tokens = validation_nelbo(
+                        self.model,
+                        batches,
+                        seed=int(self.settings.seed),
+                        rank=int(self.global_rank),
+                        schedule=self.settings.schedule,
+                    )
+                t = self.trainer.strategy.reduce(
+                    torch.tensor([total, float(tokens)], dtype=torch.float64, device=self.device),
+                    reduce_op="sum",
+                )
+                metrics[name] = float(t[0] / t[1])
+        for lg in self.loggers:
+            lg.log_metrics(metrics, step=0)
+        if self.trainer.is_global_zero:
+            parts = ", ".join(f"{k} = {v:.4f}" for k, v in metrics.items())
+            print(f"[init] warm start from {info.get('path')}: {parts} nats/token", flush=True)
+
+    # ------------------------------------------------------------------ checkpoint state
+
+    def _gather_states(self, state: Tensor) -> list[Tensor]:
+        """Per-rank copies of a uint8 state tensor (every rank's RNG must be saved for an exact resume)."""
+        if self.trainer.world_size <= 1 or not torch.distributed.is_initialized():
+            return [state]
+        out = [torch.empty_like(state) for _ in range(self.trainer.world_size)]
+        torch.distributed.all_gather_object(out, state)
+        return out
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        noise = (
+            self.noise_gen.get_state() if self.noise_gen is not None else torch.empty(0, dtype=torch.uint8)
+        )
+        checkpoint["bd3lm"] = {
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "noise_gen": self._gather_states(noise),
+            "torch_rng": self._gather_states(torch.get_rng_state()),
+            "rng": rng_state(),
+            "batches_seen": int(self.batches_seen),
+            "val_rounds": int(self.val_rounds),
+            "last_val_step": int(self.last_val_step),
+            "last_val": dict(self.last_val),
+            "interval": list(self.interval()),
+            "world_size": int(self.trainer.world_size),
+        }
+        checkpoint["bd3lm_config"] = self.model.config.to_dict()
+        for lg in self.loggers:  # metrics up to the checkpoint survive a crash right after it
+            lg.save()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("bd3lm")
+        if state is None:
+            raise ValueError("checkpoint has no bd3lm training state (not written by this trainer)")
+        if self.ema is not None:
+            if state.get("ema") is None:
+                raise ValueError("checkpoint has no EMA state but EMA is enabled (ema.decay)")
+            self.ema.load_state_dict(state["ema"])
+        self.batches_seen = int(state["batches_seen"])
+        self.val_rounds = int(state["val_rounds"])
+        self.last_val_step = int(state.get("last_val_step", -1))
+        self.last_val = dict(state.get("last_val", {}))
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None:
+            dm.start_batch = self.batches_seen
+        self._pending = state
+
+    def _apply_pending(self) -> None:
+        state, self._pending = self._pending, None
+        rank, world = int(self.global_rank), int(self.trainer.world_size)
+        same_world = int(state.get("world_size", 1)) == world
+        if same_world and len(state["noise_gen"]) > rank and state["noise_gen"][rank].numel():
+            self.noise_gen.set_state(state["noise_gen"][rank].cpu())
+            torch.set_rng_state(state["torch_rng"][rank].cpu())
+            if rank == 0:
+                set_rng_state(state["rng"])
+        else:  # a different world size cannot be resumed bit-exactly: derive fresh per-rank streams
+            seed = int(self.settings.seed) + self.batches_seen
+            self.noise_gen = rank_generator(seed, rank, device=self.device)
+            torch.manual_seed(rank_generator(seed + 17, rank).initial_seed())
+
+    def _record_rank_info(self) -> None:
+        """Record this rank's noise-stream identity (hash of its first draw) in ``log_dir/ranks``."""
+        if not self.settings.log_dir or self.noise_gen is None:
+            return
+        probe = torch.Generator(device=self.noise_gen.device)
+        probe.set_state(self.noise_gen.get_state())
+        first = torch.rand(16, generator=probe, device=self.noise_gen.device, dtype=torch.float64)
+        digest = hashlib.sha256(first.cpu().numpy().tobytes()).hexdigest()[:16]
+        self.rank_info = {
+            "rank": int(self.global_rank),
+            "world_size": int(self.trainer.world_size),
+            "step": int(self.global_step),
+            "noise_first_draw_sha256": digest,
+        }
+        out = Path(self.settings.log_dir) / "ranks"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"rank{self.global_rank}.json").write_text(json.dumps(self.rank_info) + "\n")
