@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from bd3lm.atomic import atomic_directory, default_mode
 from bd3lm.checkpoint import check_checkpoint_dir
 from bd3lm.ema import EMA
 from bd3lm.model import BD3LM
@@ -39,17 +40,6 @@ __all__ = [
     "rng_state",
     "set_rng_state",
 ]
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def default_mode(directory: bool = False) -> int:
-    """Permissions a plain ``open``/``mkdir`` would give (temporary files/dirs are created 0600/0700)."""
-    return (0o777 if directory else 0o666) & ~_umask()
 
 
 #: Buffers that hold the training clip interval, not learned weights: a warm start resets them.
@@ -202,10 +192,7 @@ def export_hf(
     ``out_dir`` is replaced only once the new export is complete.
     """
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    os.chmod(tmp, default_mode(directory=True))
-    try:
+    with atomic_directory(out) as tmp:
         if hasattr(model, "sampling_eps_min"):  # mirror the buffers in config.json (keeping exact decimals)
             for name in INTERVAL_KEYS:
                 value = float(getattr(model, name))
@@ -217,16 +204,6 @@ def export_hf(
             tokenizer.save_pretrained(str(tmp))
         if info is not None:
             (tmp / "training_info.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
-            os.replace(out, old / out.name)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

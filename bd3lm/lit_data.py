@@ -18,8 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +28,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 
+from bd3lm.atomic import atomic_directory
 from bd3lm.data import (
     ChunkDataset,
     build_datasets,
@@ -75,12 +74,6 @@ def _wait_for(path: Path, what: str, timeout: float = 3600.0) -> None:
         time.sleep(0.5)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def corpus_path(path: str | None) -> str:
     """The corpus to read: ``path`` or, when it is empty/None, the embedded Shakespeare corpus."""
     return default_corpus() if not path else os.path.expanduser(str(path))
@@ -111,18 +104,8 @@ def _train_bpe_cached(
     if (out / TOKENIZER_FILE).is_file():
         return out
     train_docs, _ = split_documents(read_documents(path, text_field), valid_fraction, seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    os.chmod(tmp, 0o777 & ~_umask())
-    try:
+    with atomic_directory(out, replace=False) as tmp:  # another process may win the race: identical content
         train_bpe_tokenizer(train_docs, vocab_size, save_dir=str(tmp))
-        if out.exists():  # another process won the race; identical content
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -172,16 +155,8 @@ def save_run_tokenizer(tokenizer: PreTrainedTokenizerFast, run_dir: Path) -> Pat
     target = run_dir / "tokenizer"
     if (target / TOKENIZER_FILE).is_file():
         return target
-    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".tokenizer."))
-    os.chmod(tmp, 0o777 & ~_umask())
-    try:
+    with atomic_directory(target) as tmp:
         tokenizer.save_pretrained(str(tmp))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
