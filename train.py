@@ -121,9 +121,9 @@ def prepare_run_dir(cfg) -> Path:
 
 
 def cache_dir_of(cfg) -> Path:
-    if cfg.data.cache_dir:
-        return Path(os.path.expanduser(str(cfg.data.cache_dir))).resolve()
-    return Path(os.environ.get("BD3LM_CACHE_DIR") or REPO / "data" / "cache").resolve()
+    from bd3lm.data import resolve_cache_dir
+
+    return resolve_cache_dir(cfg.data.cache_dir)
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -166,6 +166,7 @@ def build_model(cfg, tokenizer):
             cross_attn=bool(a.cross_attn),
             adaln=bool(a.adaln),
             time_conditioning=bool(a.time_conditioning),
+            ignore_bos=bool(a.get("ignore_bos", False)),
             var_min=bool(a.var_min),
             sampling_eps_min=1e-3,
             sampling_eps_max=1.0,

@@ -12,7 +12,7 @@ _os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from bd3lm.cache import KVCache  # noqa: E402
 from bd3lm.model import BD3LM, BD3LMConfig, BD3LMOutput  # noqa: E402
-from bd3lm.objectives import LossOutput, ar_loss, diffusion_loss, loss, nelbo  # noqa: E402
+from bd3lm.objectives import LossOutput, ar_loss, diffusion_loss, exact_nll, loss, nelbo  # noqa: E402
 
 
 def generate(model, *args, **kwargs):
@@ -23,7 +23,7 @@ def generate(model, *args, **kwargs):
 
 
 __all__ = [
-    "BD3LM", "BD3LMConfig", "BD3LMOutput", "KVCache", "LossOutput", "ar_loss", "diffusion_loss", "generate", "loss",
-    "nelbo",
+    "BD3LM", "BD3LMConfig", "BD3LMOutput", "KVCache", "LossOutput", "ar_loss", "diffusion_loss", "exact_nll",
+    "generate", "loss", "nelbo",
 ]
 __version__ = "0.1.0"

@@ -57,6 +57,7 @@ __all__ = [
     "default_corpus",
     "pack",
     "read_documents",
+    "resolve_cache_dir",
     "split_documents",
     "tokenize_documents",
 ]
@@ -83,6 +84,13 @@ _SEPARATOR_RE = re.compile(r"(?:^|(?<=\n))\f(?:\r?\n|\Z)")
 _TEXT_SUFFIXES = (".txt", ".txt.gz")
 _DATASET_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _PATH_SUFFIXES = _TEXT_SUFFIXES + tuple(_DATASET_SUFFIXES) + (".gz",)
+
+
+def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The data cache: ``cache_dir`` if given, else ``$BD3LM_CACHE_DIR``, else ``<repo>/data/cache``."""
+    if cache_dir:
+        return Path(os.path.expanduser(str(cache_dir))).resolve()
+    return Path(os.environ.get("BD3LM_CACHE_DIR") or Path(DEFAULT_CORPUS).parent.parent / "cache").resolve()
 
 
 def default_corpus() -> str:

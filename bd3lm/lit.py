@@ -76,8 +76,9 @@ def block_size_override(model: BD3LM, block_size: int) -> Iterator[BD3LM]:
 
 
 def tokens_per_sequence(model: BD3LM, length: int) -> int:
-    """Tokens a sequence contributes to the per-token NELBO (AR predicts positions 1..L-1)."""
-    return length - 1 if model.config.causal else length
+    """Tokens a sequence contributes to the per-token NELBO (AR predicts positions 1..L-1; so does a model
+    trained with ``ignore_bos``)."""
+    return length - 1 if model.config.causal or model.config.ignore_bos else length
 
 
 @torch.no_grad()
@@ -98,7 +99,8 @@ def validation_nelbo(
     try:
         for x0 in batches:
             x0 = x0.to(device)
-            total += nelbo(model, x0, generator=gen, schedule=schedule).double().sum()
+            nll = nelbo(model, x0, generator=gen, schedule=schedule, ignore_first=bool(model.config.ignore_bos))
+            total += nll.double().sum()
             tokens += x0.shape[0] * tokens_per_sequence(model, x0.shape[1])
     finally:
         model.train(was_training)
@@ -190,6 +192,7 @@ class BD3LMLit(L.LightningModule):
             schedule=self.settings.schedule,
             interval=self.interval(),
             generator=self.noise_gen,
+            ignore_first=bool(self.model.config.ignore_bos),
         )
         self.batches_seen += 1
         self.log("train/loss", out.loss.detach(), on_step=True, prog_bar=True)
@@ -228,7 +231,13 @@ class BD3LMLit(L.LightningModule):
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         from bd3lm.objectives import nelbo
 
-        nll = nelbo(self.model, batch, generator=self._val_gen, schedule=self.settings.schedule)
+        nll = nelbo(
+            self.model,
+            batch,
+            generator=self._val_gen,
+            schedule=self.settings.schedule,
+            ignore_first=bool(self.model.config.ignore_bos),
+        )
         self._val_sum += nll.double().sum()
         self._val_tokens += batch.shape[0] * tokens_per_sequence(self.model, batch.shape[1])
         if self._search_due() and len(self._search_data) < int(self.settings.search_batches):

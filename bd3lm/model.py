@@ -60,6 +60,7 @@ class BD3LMConfig(PretrainedConfig):
     sampling_eps_min: float = 1e-3
     sampling_eps_max: float = 0.999
     mask_token_id: int | None = None
+    ignore_bos: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

@@ -18,6 +18,10 @@ Block diffusion NELBO (Arriola et al. 2025, eq. 8; MDLM's continuous-time bound 
 
 Normalisation: ``loss`` is nats per token, the weighted sum over masked positions divided by the number of tokens
 of the batch (masked and unmasked), as in the official code; ``nll_per_seq`` is nats per sequence.
+
+``ignore_first`` (the official ``ignore_bos``): position 0 is never masked, so it is clean context for every
+block, and it is not counted: the bound is that of ``-log p(x_{1:L} | x_0)`` over ``L - 1`` tokens (the official
+code trains and evaluates this way; an AR model always predicts positions ``1..L-1``).
 """
 
 from __future__ import annotations
@@ -86,6 +90,7 @@ def diffusion_loss(
     t: Tensor | None = None,
     generator: torch.Generator | None = None,
     antithetic: bool = True,
+    ignore_first: bool = False,
 ) -> LossOutput:
     """Monte-Carlo estimate of L_BD (eq. above) for a batch of clean sequences ``x0`` (B, L).
 
@@ -96,6 +101,7 @@ def diffusion_loss(
         t: optional explicit (B, n_blocks) noise levels (overrides ``interval`` sampling; no clipping).
         generator: random stream (per DDP rank).
         antithetic: stratify t over the batch's cells.
+        ignore_first: keep position 0 clean and leave it out of the loss (``n_tokens`` counts ``L - 1`` per row).
     """
     cfg = model.config
     bsz, n = _check_batch(model, x0)
@@ -128,6 +134,10 @@ def diffusion_loss(
         elif t.shape != (bsz, n_blocks) or float(t.min()) < 0 or float(t.max()) > 1:
             raise ValueError(f"t must have shape ({bsz}, {n_blocks}) with values in [0, 1]; got {tuple(t.shape)}")
         masked = sample_mask(bsz, n, bs, t, sched, clip=clip, generator=generator)
+    if ignore_first:
+        if n < 2:
+            raise ValueError(f"ignore_first needs sequences of length >= 2; got {n}")
+        masked[:, 0] = False
     x_t = torch.where(masked, torch.full_like(x0, cfg.mask_index), x0)
 
     timesteps = None
@@ -147,10 +157,11 @@ def diffusion_loss(
     per_token = torch.zeros(bsz, n, device=x0.device, dtype=torch.float32)
     per_token = per_token.masked_scatter(masked, w_tok * ce)
     total = per_token.sum()
+    counted = n - 1 if ignore_first else n
     return LossOutput(
-        loss=total / (bsz * n),
+        loss=total / (bsz * counted),
         nll_sum=total.detach(),
-        n_tokens=bsz * n,
+        n_tokens=bsz * counted,
         per_block=per_token.detach().view(bsz, n_blocks, bs).mean(-1),
         nll_per_seq=per_token.detach().sum(1),
     )
@@ -183,6 +194,28 @@ def loss(model, x0: Tensor, **kw) -> LossOutput:
     return diffusion_loss(model, x0, **kw)
 
 
+def exact_nll(model, x0: Tensor, *, ignore_first: bool = False) -> Tensor:
+    """Each sequence's exact NLL in nats (B,) where one forward gives it: AR models and block size 1.
+
+    At L' = 1 the model's likelihood is ``p(x) = Π_ℓ p_θ(x^ℓ | x_t^ℓ = m, x^{<ℓ})`` (this is what the sampler
+    draws from), and the NELBO integrand does not depend on t once the single token is masked: for the
+    log-linear schedule ``E_t[w(t) (1 - α_t)] = ∫_0^1 (1/t) t dt = 1``, so the bound equals this NLL with no
+    Monte-Carlo variance. One forward with every token masked (``interval=(1, 1)``, weight 1) computes it.
+    """
+    if model.config.causal:
+        return ar_loss(model, x0).nll_per_seq
+    if model.config.block_size != 1:
+        raise ValueError(
+            f"the exact NLL needs block_size 1 or a causal model; got block_size {model.config.block_size}"
+        )
+    return diffusion_loss(model, x0, interval=(1.0, 1.0), ignore_first=ignore_first).nll_per_seq
+
+
+def has_exact_nll(model) -> bool:
+    """True when :func:`exact_nll` applies: causal (AR) models and BD3-LM at block size 1 (time-independent)."""
+    return bool(model.config.causal) or (model.config.block_size == 1 and not model.config.time_conditioning)
+
+
 @torch.no_grad()
 def nelbo(
     model,
@@ -190,17 +223,32 @@ def nelbo(
     num_samples: int = 1,
     generator: torch.Generator | None = None,
     schedule: str | NoiseSchedule = "loglinear",
+    *,
+    ignore_first: bool = False,
+    t_min: float = 0.0,
+    exact: bool | None = None,
 ) -> Tensor:
     """Each sequence's NELBO in nats, shape (B,): an unbiased estimate of L_BD averaged over ``num_samples`` draws.
 
-    t is stratified per sequence over its (draw, block) cells on the full range [0, 1] (no truncation), with the
-    strata randomly assigned to cells so each block's t is marginally U[0, 1]. For causal (AR) models this is the
-    exact NLL of positions 1..L-1.
+    t is stratified per sequence over its (draw, block) cells on ``[t_min, 1]`` (default the full range [0, 1],
+    no truncation), with the strata randomly assigned to cells so each block's t is marginally uniform.
+    ``t_min = 1e-3`` is the official evaluation range: the integral over [1e-3, 1] with the density renormalised
+    by ``1 / (1 - 1e-3)``, exactly what averaging ``w(t) · loss`` over ``t ~ U[1e-3, 1]`` estimates.
+
+    ``exact`` (default: where available, see :func:`has_exact_nll`) returns the exact NLL in one forward instead:
+    always for causal (AR) models (positions 1..L-1), and for BD3-LM at block size 1.
+    ``ignore_first``: position 0 is clean context and not counted (see the module docstring).
     """
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1; got {num_samples}")
-    if model.config.causal:
-        return ar_loss(model, input_ids).nll_per_seq
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be an integer >= 1; got {num_samples!r}")
+    if not 0.0 <= float(t_min) < 1.0:
+        raise ValueError(f"t_min must lie in [0, 1); got {t_min!r}")
+    if torch.is_floating_point(input_ids):
+        raise ValueError(f"input_ids must hold integer token ids; got dtype {input_ids.dtype}")
+    if exact is None:
+        exact = has_exact_nll(model)
+    if exact:
+        return exact_nll(model, input_ids, ignore_first=ignore_first)
     bsz, n = _check_batch(model, input_ids)
     bs = model.config.block_size
     if n % bs:
@@ -210,9 +258,11 @@ def nelbo(
     dev = generator.device if generator is not None else None
     u = torch.rand(bsz, cells, generator=generator, device=dev, dtype=torch.float64)
     strata = torch.argsort(torch.rand(bsz, cells, generator=generator, device=dev), dim=1)
-    t_all = ((strata.double() + u) / cells).float().to(input_ids.device).view(bsz, num_samples, n_blocks)
+    t_all = float(t_min) + (1.0 - float(t_min)) * (strata.double() + u) / cells
+    t_all = t_all.float().to(input_ids.device).view(bsz, num_samples, n_blocks)
     total = torch.zeros(bsz, dtype=torch.float64, device=input_ids.device)
     for k in range(num_samples):
-        out = diffusion_loss(model, input_ids, schedule=schedule, t=t_all[:, k], generator=generator)
+        out = diffusion_loss(model, input_ids, schedule=schedule, t=t_all[:, k], generator=generator,
+                             ignore_first=ignore_first)
         total += out.nll_per_seq.double()
     return (total / num_samples).float()

@@ -130,14 +130,15 @@ def test_overfitting_drives_the_nelbo_down(bs):
     model = bd3lm.BD3LM(cfg)
     x0 = torch.randint(0, 16, (2, 16), generator=torch.Generator().manual_seed(3)).repeat(4, 1)
     g = torch.Generator().manual_seed(0)
-    before = nelbo(model.eval(), x0[:2], num_samples=8, generator=g).mean().item()
+    before = nelbo(model.eval(), x0[:2], num_samples=64, generator=g).mean().item()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     for _ in range(400):
         opt.zero_grad()
         diffusion_loss(model, x0, generator=g).loss.backward()
         opt.step()
-    after = nelbo(model.eval(), x0[:2], num_samples=8, generator=g).mean().item()
+    # 64 draws: with 8 the estimate's own noise (heavy 1/t weights) can hide a 5x drop on some CPUs
+    after = nelbo(model.eval(), x0[:2], num_samples=64, generator=g).mean().item()
     assert after < before / 5, (before, after)
 
 
