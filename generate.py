@@ -2,7 +2,7 @@
 
     python generate.py checkpoint=DIR [prompt="text" | prompts_file=FILE] num_samples=N max_new_tokens=N \\
         sampler=first_hitting|ddpm|confidence steps=... threshold=... temperature=... top_k=... top_p=... \\
-        seed=... output=FILE.jsonl
+        top_p_rule=hf|official seed=... output=FILE.jsonl
 
 The model is ``BD3LM.from_pretrained(DIR)`` and the tokenizer ``AutoTokenizer.from_pretrained(DIR)`` (the
 training
@@ -35,6 +35,7 @@ DTYPES = {
     "fp16": "float16",
 }
 MAX_PANELS = 8
+TOP_P_RULES = ("hf", "official")  # bd3lm.sampling.processing.TOP_P_RULES (not imported: it pulls in torch)
 
 
 class CLIError(Exception):
@@ -157,6 +158,9 @@ def run(cfg: DictConfig) -> int:
     prompts = read_prompts(cfg)
     if str(cfg.dtype) not in DTYPES:
         raise CLIError(f"dtype {cfg.dtype!r} is not one of {', '.join(DTYPES)}")
+    top_p_rule = cfg.get("top_p_rule", "hf")
+    if top_p_rule not in TOP_P_RULES:  # same check and message as bd3lm.sampling.processing, without torch
+        raise CLIError(f"top_p_rule must be 'hf' or 'official'; got {top_p_rule!r}")
 
     import torch
     from transformers import AutoTokenizer
@@ -211,6 +215,7 @@ def run(cfg: DictConfig) -> int:
             temperature=cfg.temperature,
             top_k=cfg.top_k,
             top_p=cfg.top_p,
+            top_p_rule=top_p_rule,
             kv_cache=bool(cfg.kv_cache),
             stop=stop,
             stop_entropy=cfg.stop_entropy,

@@ -507,6 +507,164 @@ def test_filters_match_hugging_face(p):
         )
 
 
+def _kept(logits, p, rule):
+    return torch.isfinite(top_p_filter(logits, p, rule)).nonzero().squeeze(-1).tolist()
+
+
+def test_official_nucleus_drops_the_token_that_crosses_p():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64)
+    logits = probs.log()
+    assert _kept(logits, 0.85, "official") == [0, 1]  # cumsum 0.5, 0.8 <= 0.85; 0.95 crosses: dropped
+    assert _kept(logits, 0.85, "hf") == [0, 1, 2]  # the crossing token is kept
+    assert _kept(logits, 0.75, "official") == [0]  # 0.8 crosses 0.75
+    assert _kept(logits, 0.75, "hf") == [0, 1]
+    assert _kept(logits, 0.97, "official") == [0, 1, 2]
+    for rule in ("hf", "official"):
+        assert _kept(logits, 0.4, rule) == [0]  # the top-1 alone exceeds p: always kept
+        assert _kept(logits, 1e-9, rule) == [0]
+        assert _kept(logits, 1.0, rule) == [0, 1, 2, 3]  # p = 1 is off
+    # Unsorted token ids and a batch: the rule works on the ranking, row by row.
+    batch = torch.tensor([[0.15, 0.5, 0.05, 0.3], [0.05, 0.15, 0.3, 0.5]], dtype=torch.float64).log()
+    kept = torch.isfinite(top_p_filter(batch, 0.85, "official"))
+    assert kept.tolist() == [[False, True, False, True], [False, False, True, True]]
+    # The sampler applies the chosen rule: mass only on the official nucleus.
+    lp = TokenSampler(9, top_p=0.85, top_p_rule="official").log_probs(torch.cat([logits, torch.full((6,), -math.inf)]))
+    assert torch.isfinite(lp).nonzero().squeeze(-1).tolist() == [0, 1]
+    assert torch.allclose(lp[:2].exp(), torch.tensor([0.625, 0.375], dtype=torch.float64))
+
+
+def _official_oracle(probs: list[float], p: float) -> tuple[set[int], bool]:
+    """The official rule in plain Python: (kept ids, whether some cumulative sum is too close to p to tell)."""
+    order = []
+    left = list(range(len(probs)))
+    while left:  # selection sort, descending probability, ties by id
+        best = left[0]
+        for i in left[1:]:
+            if probs[i] > probs[best]:
+                best = i
+        order.append(best)
+        left.remove(best)
+    kept, cum, ambiguous = set(), 0.0, False
+    for rank, i in enumerate(order):
+        cum += probs[i]
+        ambiguous = ambiguous or abs(cum - p) < 1e-9
+        if rank == 0 or cum <= p:
+            kept.add(i)
+    return kept, ambiguous
+
+
+def test_official_nucleus_matches_a_plain_python_oracle():
+    import random
+
+    rng = random.Random(0)
+    checked = 0
+    for n in range(2, 9):
+        rows = []
+        for _ in range(30):
+            w = [rng.random() ** 3 + 1e-6 for _ in range(n)]
+            rows.append([x / sum(w) for x in w])
+        logits = torch.tensor(rows, dtype=torch.float64).log()
+        for p in (0.05, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 0.95, 0.99):
+            kept = torch.isfinite(top_p_filter(logits, p, rule="official"))
+            for r, probs in enumerate(rows):
+                want, ambiguous = _official_oracle(probs, p)
+                if ambiguous:  # softmax(log q) differs from q by rounding: too close to the boundary to tell
+                    continue
+                assert set(kept[r].nonzero().squeeze(-1).tolist()) == want, (probs, p)
+                checked += 1
+    assert checked > 0.95 * 7 * 30 * 9
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.6, 0.9, 0.99])
+def test_official_nucleus_is_the_hf_nucleus_minus_at_most_the_crossing_token(p):
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(64, 50, generator=g) * 3
+    official = torch.isfinite(top_p_filter(logits, p, "official"))
+    hf = torch.isfinite(top_p_filter(logits, p, "hf"))
+    assert not bool((official & ~hf).any())  # subset
+    extra = (hf & ~official).sum(-1)
+    assert bool((extra <= 1).all()) and bool((official.sum(-1) >= 1).all())
+    probs = torch.softmax(logits.double(), -1)
+    for r in range(64):
+        if extra[r]:  # the dropped token is the least probable of the hf nucleus (the one crossing p)
+            assert probs[r][hf[r]].min() == probs[r][hf[r] & ~official[r]].max()
+        mass = float(probs[r][official[r]].sum())
+        assert mass <= p + 1e-12 or int(official[r].sum()) == 1  # retained mass <= p unless top-1 alone > p
+    if p >= 0.3:  # (at p = 0.05 the top-1 alone exceeds p on every row: both rules keep it only)
+        assert bool((extra == 1).any())  # the rules do differ on these rows
+
+
+def test_official_nucleus_stays_inside_the_hf_nucleus_under_rounding():
+    # The last token's probability (~1e-35) is lost in the float64 cumulative sum: the naive official test
+    # "cumsum <= p" at p = that sum would keep it although the hf rule (mass above it >= p) drops it.
+    logits = torch.tensor([0.0, -1.0, -2.0, -80.0], dtype=torch.float64)
+    cum = torch.cumsum(torch.softmax(logits, -1), -1)
+    for p in (float(cum[2]), float(cum[1]), 0.5):
+        if p >= 1.0:
+            continue
+        official = torch.isfinite(top_p_filter(logits, p, "official"))
+        hf = torch.isfinite(top_p_filter(logits, p, "hf"))
+        assert not bool((official & ~hf).any()) and int((hf & ~official).sum()) <= 1
+
+
+def test_bad_top_p_rule_is_a_one_line_value_error():
+    model = tiny_model(block_size=4)
+    message = "top_p_rule must be 'hf' or 'official'; got 'x'"
+    with pytest.raises(ValueError) as info:
+        generate(model, max_new_tokens=4, top_p=0.9, top_p_rule="x")
+    assert str(info.value) == message
+    for bad in ("HF", "", None, 1):
+        with pytest.raises(ValueError, match=f"^top_p_rule must be 'hf' or 'official'; got {bad!r}$"):
+            generate(model, max_new_tokens=4, top_p_rule=bad)
+    with pytest.raises(ValueError, match="^top_p_rule must be"):
+        TokenSampler(9, top_p=0.9, top_p_rule="x")
+    with pytest.raises(ValueError, match="^top_p_rule must be"):
+        top_p_filter(torch.zeros(4), 0.9, rule="x")
+
+
+def test_generate_with_the_official_rule_is_seeded_and_reproducible():
+    model = tiny_model(block_size=4)
+    kw = dict(max_new_tokens=24, num_samples=3, top_p=0.9, top_p_rule="official")
+    a = generate(model, None, seed=7, **kw)
+    b = generate(model, None, seed=7, **kw)
+    c = generate(model, None, seed=8, **kw)
+    assert [s.tolist() for s in a.sequences] == [s.tolist() for s in b.sequences]
+    assert [s.tolist() for s in a.sequences] != [s.tolist() for s in c.sequences]
+    for s in a.sequences:
+        assert len(s) == 24 and not bool((s == model.config.mask_index).any())
+
+
+def test_generate_samples_from_the_official_nucleus():
+    """AR model: each token comes from one next-token call, so it can be checked against that call's logits."""
+    model = tiny_model(**AR_KW)
+
+    p = 0.3  # a small nucleus: the crossing token carries a large share of the hf nucleus's mass
+
+    def run(rule):
+        seen = []
+        res = generate(
+            model,
+            None,
+            max_new_tokens=16,
+            num_samples=8,
+            bos_token_id=0,
+            seed=3,
+            top_p=p,
+            top_p_rule=rule,
+            on_logits=lambda ids, lg: seen.append((list(ids), lg[:, -1].clone())),
+        )
+        outside = 0
+        for t, (ids, lg) in enumerate(seen):
+            official = torch.isfinite(top_p_filter(lg, p, "official"))
+            for r, sid in enumerate(ids):
+                outside += not bool(official[r, int(res.sequences[sid][1 + t])])
+        return outside, len(seen)
+
+    assert run("official") == (0, 16)
+    outside_hf, _ = run("hf")
+    assert outside_hf > 0, outside_hf  # the hf rule does sample crossing tokens here: the check has teeth
+
+
 def test_temperature_zero_is_argmax_and_mask_is_never_sampled():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(64, 10, generator=g)

@@ -428,6 +428,7 @@ def generate(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    top_p_rule: str = "hf",
     kv_cache: bool = True,
     stop: int | Sequence[int] | None = None,
     stop_entropy: float | None = None,
@@ -450,7 +451,10 @@ def generate(
         sampler: ``"first_hitting"``, ``"ddpm"``, ``"confidence"`` or a :class:`BlockRule`; ignored by AR
         models.
         steps: DDPM steps per block (default L'). threshold: confidence threshold tau in (0, 1] (default 0.9).
-        temperature: 0 = greedy. top_k: 0 = off. top_p: nucleus mass in (0, 1] (Hugging Face convention).
+        temperature: 0 = greedy. top_k: 0 = off. top_p: nucleus mass in (0, 1] (1 = off).
+        top_p_rule: ``"hf"`` (default, Hugging Face convention: the token that crosses ``top_p`` is kept) or
+            ``"official"`` (the BD3-LM code's rule: the token that crosses ``top_p`` is dropped); see
+            :mod:`bd3lm.sampling.processing`.
         kv_cache: ``False`` recomputes the whole window at every call (the exactness reference).
         stop: EOS id(s); a sequence stops after producing one (kept in the output).
         stop_entropy: stop a sequence when the unigram entropy (nats) of its last 256 generated tokens falls
@@ -475,7 +479,7 @@ def generate(
     max_new_tokens = length if max_new_tokens is None else max_new_tokens
     _check_int(max_new_tokens, "max_new_tokens", 1)
     _check_int(num_samples, "num_samples", 1)
-    check_sampling_args(temperature, top_k, top_p)
+    check_sampling_args(temperature, top_k, top_p, top_p_rule)
     rule = make_rule(sampler, bs, steps, threshold)
     window = length if window is None else window
     _check_int(window, "window", 1)
@@ -520,7 +524,7 @@ def generate(
     device = next(model.parameters()).device
     gen = torch.Generator(device=device)
     gen.manual_seed(int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed))
-    token_sampler = TokenSampler(mask, temperature, top_k, top_p, gen)
+    token_sampler = TokenSampler(mask, temperature, top_k, top_p, gen, top_p_rule=top_p_rule)
     engine = _Engine(
         model,
         prompts,

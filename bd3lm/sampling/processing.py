@@ -8,11 +8,18 @@ Order of operations (the Hugging Face ``generate`` order): SUBS mask removal, te
   randomness).
 - **Top-k**: keep the tokens whose logit is ``>=`` the k-th largest (ties at the boundary are kept, as in
   ``transformers.TopKLogitsWarper``); ``k = 0`` disables it.
-- **Top-p (nucleus, Holtzman et al. 2020)**, *Hugging Face convention*: keep the smallest set of most probable
-  tokens whose total probability is ``>= p``, i.e. a token is kept iff the probability mass of the tokens
-  ranked strictly above it is ``< p``. The token that crosses ``p`` is therefore **kept**. The official BD3-LM
-  code keeps only the tokens with cumulative probability ``<= p`` (plus the top-1), dropping the crossing
-  token, so its nucleus is never larger than ours and its retained mass is ``< p``.
+- **Top-p (nucleus, Holtzman et al. 2020)**, two rules (``p = 1`` disables both):
+
+  - ``rule="hf"`` (default), *Hugging Face convention*: keep the smallest set of most probable tokens whose
+    total probability is ``>= p``, i.e. a token is kept iff the probability mass of the tokens ranked
+    strictly above it is ``< p``. The token that crosses ``p`` is therefore **kept**.
+  - ``rule="official"``, the rule of the official BD3-LM code (kuleshov-group/bd3lms): keep the tokens whose
+    cumulative probability *including themselves* is ``<= p``, plus the top-1 always. The token that crosses
+    ``p`` is **dropped**, so the retained mass is at most ``p`` (below ``p`` unless a cumulative sum equals
+    it exactly), unless the top-1 alone exceeds ``p``.
+
+  The official nucleus is a subset of the Hugging Face one and is at most one token smaller (the crossing
+  token). Ties are ranked by token id (stable sort) under both rules.
 - **Sampling** is done in float64 with the exponential race: ``argmax_v p_v / E_v`` with ``E_v ~ Exp(1)``
   i.i.d., written as ``argmax_v (log p_v - log E_v)`` (a Gumbel-max draw), which returns ``v`` with
   probability exactly ``p_v`` and never a token with ``p_v = 0``. All randomness comes from one
@@ -27,8 +34,10 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "TOP_P_RULES",
     "TokenSampler",
     "check_sampling_args",
+    "check_top_p_rule",
     "sample_categorical",
     "subs_logits",
     "top_k_filter",
@@ -37,15 +46,27 @@ __all__ = [
 
 _NEG_INF = float("-inf")
 
+#: Accepted values of the nucleus rule (see the module docstring).
+TOP_P_RULES = ("hf", "official")
 
-def check_sampling_args(temperature: float, top_k: int, top_p: float) -> None:
-    """Raise a one-line ``ValueError`` naming the bad value of ``temperature``, ``top_k`` or ``top_p``."""
+
+def check_top_p_rule(rule: object) -> str:
+    """Return ``rule`` if it is ``"hf"`` or ``"official"``, else raise a one-line ``ValueError``."""
+    if not isinstance(rule, str) or rule not in TOP_P_RULES:
+        raise ValueError(f"top_p_rule must be 'hf' or 'official'; got {rule!r}")
+    return rule
+
+
+def check_sampling_args(temperature: float, top_k: int, top_p: float, top_p_rule: str = "hf") -> None:
+    """Raise a one-line ``ValueError`` naming the bad value of ``temperature``, ``top_k``, ``top_p`` or
+    ``top_p_rule``."""
     if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy); got {temperature!r}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k must be an integer >= 0 (0 = off); got {top_k!r}")
     if not isinstance(top_p, (int, float)) or not (0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be in (0, 1]; got {top_p!r}")
+    check_top_p_rule(top_p_rule)
 
 
 def subs_logits(logits: Tensor, mask_index: int) -> Tensor:
@@ -63,18 +84,27 @@ def top_k_filter(logits: Tensor, k: int) -> Tensor:
     return logits.masked_fill(logits < kth, _NEG_INF)
 
 
-def top_p_filter(logits: Tensor, p: float) -> Tensor:
-    """Nucleus filter, Hugging Face convention (see the module docstring); ``p = 1`` is a no-op.
+def top_p_filter(logits: Tensor, p: float, rule: str = "hf") -> Tensor:
+    """Nucleus filter (see the module docstring); ``p = 1`` is a no-op under both rules.
 
-    A token is removed iff the probability mass of the tokens ranked strictly above it is ``>= p``; the most
-    probable token is therefore always kept.
+    ``rule="hf"`` (Hugging Face): a token is removed iff the probability mass of the tokens ranked strictly
+    above it is ``>= p`` (the token that crosses ``p`` is kept). ``rule="official"`` (BD3-LM code): a token is
+    kept iff the cumulative probability of the tokens ranked up to and including it is ``<= p`` (the token
+    that crosses ``p`` is removed). The most probable token is always kept.
     """
+    check_top_p_rule(rule)
     if p >= 1.0:
         return logits
     probs = torch.softmax(logits.to(torch.float64), dim=-1)
     sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)
-    mass_above = torch.cumsum(sorted_p, dim=-1) - sorted_p
-    remove_sorted = mass_above >= p
+    cum = torch.cumsum(sorted_p, dim=-1)
+    mass_above = cum - sorted_p
+    remove_sorted = mass_above >= p  # the top-1 has mass_above == 0 < p: always kept
+    if rule == "official":
+        # cum <= p implies mass_above < p in exact arithmetic; or-ing keeps the official nucleus inside the
+        # hf one even when a token's probability is lost to rounding in ``cum``.
+        remove_sorted = remove_sorted | (cum > p)
+        remove_sorted[..., 0] = False
     remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
     return logits.masked_fill(remove, _NEG_INF)
 
@@ -97,8 +127,10 @@ class TokenSampler:
         mask_index: id of the mask token (never sampled).
         temperature: ``0`` = greedy ``argmax``; otherwise logits are divided by it.
         top_k: keep the ``k`` most likely tokens (``0`` = off).
-        top_p: nucleus mass in (0, 1] (``1`` = off), Hugging Face convention.
+        top_p: nucleus mass in (0, 1] (``1`` = off).
         generator: the source of every random draw of the run (reproducible with a seed).
+        top_p_rule: ``"hf"`` (Hugging Face: the token that crosses ``p`` is kept) or ``"official"`` (the
+            BD3-LM code: the token that crosses ``p`` is dropped).
     """
 
     def __init__(
@@ -108,12 +140,15 @@ class TokenSampler:
         top_k: int = 0,
         top_p: float = 1.0,
         generator: torch.Generator | None = None,
+        *,
+        top_p_rule: str = "hf",
     ) -> None:
-        check_sampling_args(temperature, top_k, top_p)
+        check_sampling_args(temperature, top_k, top_p, top_p_rule)
         self.mask_index = int(mask_index)
         self.temperature = float(temperature)
         self.top_k = int(top_k)
         self.top_p = float(top_p)
+        self.top_p_rule = top_p_rule
         self.generator = generator
 
     @property
@@ -130,7 +165,7 @@ class TokenSampler:
         if not self.greedy:
             x = x / self.temperature
         x = top_k_filter(x, self.top_k)
-        x = top_p_filter(x, self.top_p)
+        x = top_p_filter(x, self.top_p, self.top_p_rule)
         return torch.log_softmax(x, dim=-1)
 
     def model_probs(self, logits: Tensor) -> Tensor:
