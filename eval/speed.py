@@ -1,179 +1,190 @@
 """Benchmark (not a test): sampling throughput and NFE of :func:`bd3lm.sampling.generate`.
 
-    python -m eval.speed [--new-tokens 1024 --block-sizes 1,4,16 --batches 1,8 --cache on,off]
-    python -m eval.speed --checkpoint DIR          # a trained model instead of the random-weight one
+    python -m eval.speed [new_tokens=1024 'block_sizes=[1,4,16]' 'batches=[1,8]' 'cache=[true,false]' ar=true ...]
+    python -m eval.speed checkpoint=DIR            # a trained model instead of the random-weight ones
 
 Default model (random weights): hidden 256, 4 layers, 4 heads, vocab 4096, model_length 1024, fp32 on CPU
-(or ``--device cuda``). For every block size L', batch size and cache setting it generates ``--new-tokens``
-tokens per sequence with the first-hitting sampler from a one-token prompt (id 0, never counted) and reports
-generated tokens per second, wall time, network calls (NFE) and tokens per forward. An autoregressive model of
-the same size (``causal=True``) is the baseline row. It then reports the NFE of ``confidence`` at
-``tau`` (default 0.9) against first hitting, with the cache, at batch 1; on a random-weight model predictions
-are near-uniform so nothing is ever confident and the saving is meaningless — use ``--checkpoint``.
+(or ``device=cuda``). For every block size L', batch size and cache setting it generates ``new_tokens`` tokens
+per sequence with the first-hitting sampler from a ``prompt_length``-token prompt (id 0, or the checkpoint's
+``bos_token_id``; never counted) and reports generated tokens per second, wall time, network calls (NFE) and
+tokens per forward. An autoregressive model of the same size (``causal=True``) is the baseline row (``ar=false``
+skips it). It then reports the NFE of ``confidence`` at ``threshold`` (default 0.9) against first hitting, with
+the cache, at batch 1; on a random-weight model predictions are near-uniform so nothing is ever confident and
+the saving is meaningless — use ``checkpoint=DIR``.
 
-Cache off recomputes the whole window at every call (cost quadratic in the length): those rows generate
-``--off-tokens`` (default 128) tokens and are paired with a cache-on row of the same length. ``--off-tokens
-1024`` compares at full length (about 2 min per model at batch 1 and 15 min at batch 8 on 2 CPU cores).
-Defaults take about 7 minutes with ``--threads 1`` on a busy 2-core CPU; shrink with ``--new-tokens``,
-``--block-sizes``, ``--batches``, ``--cache on``, ``--no-ar``. Results print as a table and go to JSON
-(``--output``).
+Every timing is :func:`bd3lm.evaluation.speed.speed`: the median of ``repeats`` whole ``generate`` calls after
+one untimed warm-up, generated tokens only. Cache off recomputes the whole window at every call (cost quadratic
+in the length): those rows generate ``off_tokens`` (default 128) tokens and are paired with a cache-on row of the
+same length. ``off_tokens=1024`` compares at full length (minutes per run on 2 CPU cores). Shrink a run with
+``new_tokens``, ``block_sizes``, ``batches``, ``cache=[true]``, ``ar=false``, ``repeats=1``. Results print as a
+table (stdout; progress on stderr) and go to JSON ``output`` (``{"settings": ..., "rows": [...]}``, written
+atomically, with the environment record). Every key is documented in ``configs/eval/speed.yaml`` (quote lists
+for the shell). Bad input is one ``error:`` line on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
-import time
+import os
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, ListConfig
+
+from eval.common import CLIError, cli_main, log, write_json
+
+CACHE_VALUES = {True: True, False: False, "on": True, "off": False, "true": True, "false": False}
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+def _int(value: object, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise CLIError(f"{name} must be an integer >= {minimum}; got {value!r}")
+    return value
 
 
-def build_model(args: argparse.Namespace, block_size: int | None, causal: bool = False):
-    """The benchmark model: ``--checkpoint`` or a random-weight BD3-LM / AR model of the stated size."""
+def _int_list(value: object, name: str) -> list[int]:
+    items = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
+    if not items:
+        raise CLIError(f"{name} is empty; give at least one value, e.g. {name}=[1]")
+    return [_int(v, f"every value of {name}") for v in items]
+
+
+def _caches(value: object) -> list[bool]:
+    items = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
+    if not items:
+        raise CLIError("cache is empty; give cache=[true], cache=[false] or cache=[true,false]")
+    out = []
+    for v in items:
+        key = v.lower() if isinstance(v, str) else v
+        if not isinstance(key, (bool, str)) or key not in CACHE_VALUES:
+            raise CLIError(f"cache value {v!r} is not one of true, false (or on, off)")
+        out.append(CACHE_VALUES[key])
+    return list(dict.fromkeys(out))
+
+
+def check_config(cfg: DictConfig) -> dict[str, Any]:
+    """The validated settings of a run (plain Python values); raises :class:`CLIError` on bad input."""
+    ckpt = None if cfg.checkpoint is None else str(cfg.checkpoint)
+    if ckpt is not None and not os.path.isdir(ckpt):
+        raise CLIError(f"checkpoint directory {ckpt!r} does not exist")
+    s: dict[str, Any] = {
+        "checkpoint": ckpt,
+        "new_tokens": _int(cfg.new_tokens, "new_tokens"),
+        "off_tokens": _int(cfg.off_tokens, "off_tokens"),
+        "block_sizes": _int_list(cfg.block_sizes, "block_sizes"),
+        "batches": _int_list(cfg.batches, "batches"),
+        "cache": _caches(cfg.cache),
+        "ar": cfg.ar,
+        "threshold": cfg.threshold,
+        "length": _int(cfg.length, "length"),
+        "dim": _int(cfg.dim, "dim"),
+        "layers": _int(cfg.layers, "layers"),
+        "heads": _int(cfg.heads, "heads"),
+        "vocab": _int(cfg.vocab, "vocab", 2),
+        "threads": None if cfg.threads is None else _int(cfg.threads, "threads"),
+        "device": str(cfg.device),
+        "repeats": _int(cfg.repeats, "repeats"),
+        "prompt_length": _int(cfg.prompt_length, "prompt_length", 0),
+        "output": None if cfg.output is None else str(cfg.output),
+    }
+    if not isinstance(s["ar"], bool):
+        raise CLIError(f"ar must be true or false; got {s['ar']!r}")
+    thr = s["threshold"]
+    if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not 0 < thr <= 1:
+        raise CLIError(f"threshold must be a number in (0, 1]; got {thr!r}")
+    s["threshold"] = float(thr)
+    s["off_tokens"] = min(s["off_tokens"], s["new_tokens"])
+    if ckpt is None:
+        if s["dim"] % s["heads"]:
+            raise CLIError(f"heads {s['heads']} must divide dim {s['dim']}")
+        for bs in s["block_sizes"]:
+            if s["length"] % bs:
+                raise CLIError(f"block size {bs} must divide length {s['length']}")
+    return s
+
+
+def resolve_device(name: str):
+    """``torch.device`` for ``name`` (``auto`` = CUDA when available); raises :class:`CLIError`."""
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise CLIError(f"device {name!r} is not valid: {' '.join(str(exc).split())}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def build_model(s: dict[str, Any], block_size: int | None, causal: bool, device):
+    """The benchmark model: the checkpoint, or a random-weight BD3-LM (``block_size``) / AR model of the stated
+    size (every weight drawn from N(0, 0.02) except norms: the official init zeroes the head and adaLN)."""
     import torch
 
     import bd3lm
 
-    if args.checkpoint:
-        model = bd3lm.BD3LM.from_pretrained(args.checkpoint)
+    if s["checkpoint"] is not None:
+        from bd3lm.checkpoint import check_checkpoint_dir
+
+        check_checkpoint_dir(s["checkpoint"])
+        model = bd3lm.BD3LM.from_pretrained(s["checkpoint"])
     else:
         torch.manual_seed(0)
         kw = dict(
-            vocab_size=args.vocab,
-            model_length=args.length,
-            hidden_dim=args.dim,
+            vocab_size=s["vocab"],
+            model_length=s["length"],
+            hidden_dim=s["dim"],
             cond_dim=128,
-            n_blocks=args.layers,
-            n_heads=args.heads,
+            n_blocks=s["layers"],
+            n_heads=s["heads"],
             dropout=0.0,
         )
         if causal:
-            cfg = bd3lm.BD3LMConfig(block_size=1, causal=True, cross_attn=False, adaln=False, **kw)
+            config = bd3lm.BD3LMConfig(block_size=1, causal=True, cross_attn=False, adaln=False, **kw)
         else:
-            cfg = bd3lm.BD3LMConfig(block_size=block_size, **kw)
-        model = bd3lm.BD3LM(cfg)
-        with torch.no_grad():  # the official init zeroes the head and adaLN: give every weight a value
+            config = bd3lm.BD3LMConfig(block_size=block_size, **kw)
+        model = bd3lm.BD3LM(config)
+        with torch.no_grad():
             for name, p in model.named_parameters():
                 if "norm" not in name:
                     p.normal_(0.0, 0.02)
-    return model.to(args.device).eval()
+    return model.to(device).eval()
 
 
-def run_one(model, args: argparse.Namespace, batch: int, cache: bool, n_new: int, **kw) -> dict:
-    """One timed generation (after a short warm-up) and its statistics."""
-    import torch
+def prompt_token(model) -> int | None:
+    """The model's ``bos_token_id`` when it is a usable token id (not the mask), else ``None`` (id 0)."""
+    cfg = model.config
+    bos = getattr(cfg, "bos_token_id", None)
+    ok = isinstance(bos, int) and not isinstance(bos, bool) and 0 <= bos < cfg.vocab_size and bos != cfg.mask_index
+    return bos if ok else None
 
-    from bd3lm.sampling import generate
 
-    kw.setdefault("bos_token_id", 0)  # AR models need a first token; every model gets the same one
-    generate(
-        model,
-        None,
-        max_new_tokens=min(n_new, 2 * model.config.block_size),
-        num_samples=batch,
-        kv_cache=cache,
-        seed=0,
-        **kw,
-    )
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    res = generate(model, None, max_new_tokens=n_new, num_samples=batch, kv_cache=cache, seed=0, **kw)
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    tokens = sum(res.num_new_tokens)
+def _row(name: str, model, sampler: str, res) -> dict[str, Any]:
+    """One JSON row from a :class:`~bd3lm.evaluation.speed.SpeedResult`."""
     return {
-        "new_tokens_per_seq": n_new,
-        "batch": batch,
-        "cache": cache,
-        "seconds": seconds,
-        "tokens_per_second": tokens / seconds,
+        "model": name,
+        "block_size": 1 if model.config.causal else int(model.config.block_size),
+        "sampler": sampler,
+        "batch": res.batch_size,
+        "cache": res.kv_cache,
+        "new_tokens_per_seq": res.settings["new_tokens_per_row"],
+        "prompt_tokens": res.prompt_tokens,
+        "new_tokens": res.new_tokens,
+        "seconds": res.seconds,
+        "seconds_all": res.seconds_all,
+        "tokens_per_second": res.tokens_per_s,
         "nfe": res.nfe,
         "tokens_per_forward": res.tokens_per_forward,
     }
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=None, help="a BD3LM directory (its block size is used)")
-    p.add_argument("--new-tokens", type=int, default=1024)
-    p.add_argument("--off-tokens", type=int, default=128, help="new tokens in cache-off rows")
-    p.add_argument("--block-sizes", type=_ints, default=[1, 4, 16])
-    p.add_argument("--batches", type=_ints, default=[1, 8])
-    p.add_argument("--cache", default="on,off", help="on, off or on,off")
-    p.add_argument("--no-ar", action="store_true", help="skip the autoregressive baseline")
-    p.add_argument("--threshold", type=float, default=0.9, help="confidence tau for the NFE comparison")
-    p.add_argument("--length", type=int, default=1024)
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--output", default="speed.json")
-    args = p.parse_args()
-
-    import torch
+def _print_table(rows: list[dict[str, Any]], title: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     console = Console() if Console().is_terminal else Console(width=160)
-    caches = [c.strip() == "on" for c in args.cache.split(",")]
-    off_tokens = min(args.off_tokens, args.new_tokens)
-    rows: list[dict] = []
-
-    variants: list[tuple[str, int | None, bool]] = []
-    if args.checkpoint:
-        variants.append(("checkpoint", None, False))
-    else:
-        variants += [(f"bd3lm L'={bs}", bs, False) for bs in args.block_sizes]
-        if not args.no_ar:
-            variants.append(("ar", 1, True))
-    for name, bs, causal in variants:
-        model = build_model(args, bs, causal)
-        for batch in args.batches:
-            runs = [(True, args.new_tokens)] if True in caches else []
-            if False in caches:  # cache off, and cache on at the same (shorter) length for comparison
-                runs += [(True, off_tokens)] if off_tokens != args.new_tokens else []
-                runs += [(False, off_tokens)]
-            for cache, n_new in runs:
-                row = {
-                    "model": name,
-                    "block_size": 1 if causal else model.config.block_size,
-                    "sampler": "ar" if causal else "first_hitting",
-                    **run_one(model, args, batch, cache, n_new),
-                }
-                rows.append(row)
-                console.print(
-                    f"{name:>14}  batch {batch:>2}  cache {'on ' if cache else 'off'}  {n_new:>5} tokens  "
-                    f"{row['tokens_per_second']:9.1f} tok/s  NFE {row['nfe']:>5}  "
-                    f"{row['tokens_per_forward']:.2f} tok/fwd  {row['seconds']:.1f} s"
-                )
-        if not causal:
-            conf = run_one(
-                model, args, 1, True, args.new_tokens, sampler="confidence", threshold=args.threshold
-            )
-            fh = next(r for r in rows if r["model"] == name and r["batch"] == 1 and r["cache"])
-            rows.append(
-                {
-                    "model": name,
-                    "block_size": model.config.block_size,
-                    "sampler": f"confidence tau={args.threshold}",
-                    **conf,
-                    "nfe_saved_vs_first_hitting": 1 - conf["nfe"] / fh["nfe"],
-                }
-            )
-
-    table = Table(
-        title=f"generate(): {args.new_tokens} new tokens per sequence, device {args.device}, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
-    )
+    table = Table(title=title)
     for col in ("model", "sampler", "batch", "cache", "new tok/seq", "tok/s", "NFE", "tok/fwd", "s"):
         table.add_column(col, justify="left" if col in ("model", "sampler") else "right")
     for r in rows:
@@ -187,19 +198,87 @@ def main() -> None:
             f"{r['tokens_per_second']:.1f}",
             f"{r['nfe']}" + (f" ({saved:+.1%} saved)" if saved is not None else ""),
             f"{r['tokens_per_forward']:.2f}",
-            f"{r['seconds']:.1f}",
+            f"{r['seconds']:.2f}",
         )
     console.print(table)
-    settings = {k: v for k, v in vars(args).items()}
-    settings.update(
-        platform=platform.platform(),
-        processor=platform.processor(),
-        torch=torch.__version__,
-        threads=torch.get_num_threads(),
+
+
+def run_speed(cfg: DictConfig) -> dict[str, Any]:
+    """Run the benchmark described by ``cfg`` (see ``configs/eval/speed.yaml``), print the table, write
+    ``cfg.output`` and return ``{"settings": ..., "rows": [...]}``. Raises :class:`CLIError` / ``ValueError`` on
+    bad input."""
+    s = check_config(cfg)
+    import torch
+
+    from bd3lm.evaluation.speed import environment, speed
+
+    device = resolve_device(s["device"])
+    if s["threads"]:
+        torch.set_num_threads(s["threads"])
+    variants: list[tuple[str, int | None, bool]] = []
+    if s["checkpoint"] is not None:
+        variants.append(("checkpoint", None, False))
+    else:
+        variants += [(f"bd3lm L'={bs}", bs, False) for bs in s["block_sizes"]]
+        if s["ar"]:
+            variants.append(("ar", 1, True))
+
+    rows: list[dict[str, Any]] = []
+    env: dict[str, Any] = {}
+
+    def measure(name: str, model, label: str, batch: int, cache: bool, n_new: int, **kw) -> dict[str, Any]:
+        res = speed(model, batch_size=batch, new_tokens=n_new, prompt_length=s["prompt_length"],
+                    repeats=s["repeats"], bos_token_id=prompt_token(model), kv_cache=cache, **kw)
+        row = _row(name, model, label, res)
+        log(f"{name:>14}  {label:<18} batch {batch:>2}  cache {'on ' if cache else 'off'}  {n_new:>5} tokens  "
+            f"{row['tokens_per_second']:9.1f} tok/s  NFE {row['nfe']:>5}  {row['tokens_per_forward']:.2f} tok/fwd  "
+            f"{row['seconds']:.2f} s")
+        return row
+
+    for name, bs, causal in variants:
+        model = build_model(s, bs, causal, device)
+        env = env or environment(model)
+        sampler = "ar" if causal else "first_hitting"
+        for batch in s["batches"]:
+            runs = [(True, s["new_tokens"])] if True in s["cache"] else []
+            if False in s["cache"]:  # cache off, and cache on at the same (shorter) length for comparison
+                if True in s["cache"] and s["off_tokens"] != s["new_tokens"]:
+                    runs.append((True, s["off_tokens"]))
+                runs.append((False, s["off_tokens"]))
+            for cache, n_new in runs:
+                rows.append(measure(name, model, sampler, batch, cache, n_new))
+        if not causal:  # NFE of the confidence rule against first hitting (batch 1, cache on, new_tokens)
+            ref = next(
+                (r for r in rows if r["model"] == name and r["sampler"] == "first_hitting" and r["batch"] == 1
+                 and r["cache"] and r["new_tokens_per_seq"] == s["new_tokens"]),
+                None,
+            )
+            if ref is None:
+                ref = measure(name, model, "first_hitting", 1, True, s["new_tokens"])
+                rows.append(ref)
+            conf = measure(name, model, f"confidence tau={s['threshold']}", 1, True, s["new_tokens"],
+                           sampler="confidence", threshold=s["threshold"])
+            conf["threshold"] = s["threshold"]
+            conf["nfe_first_hitting"] = ref["nfe"]
+            conf["nfe_saved_vs_first_hitting"] = 1 - conf["nfe"] / ref["nfe"]
+            rows.append(conf)
+        del model
+
+    _print_table(
+        rows,
+        f"generate(): {s['new_tokens']} new tokens per sequence, device {device}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, median of {s['repeats']}",
     )
-    with open(args.output, "w") as f:
-        json.dump({"settings": settings, "rows": rows}, f, indent=2)
-    console.print(f"wrote {args.output}")
+    result = {"settings": {**s, "environment": env or environment()}, "rows": rows}
+    if s["output"] is not None:
+        write_json(s["output"], result)
+        log(f"wrote {s['output']}")
+    return result
+
+
+@hydra.main(version_base=None, config_path="../configs/eval", config_name="speed")
+def main(cfg: DictConfig) -> None:
+    cli_main(run_speed, cfg)
 
 
 if __name__ == "__main__":

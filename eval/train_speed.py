@@ -1,118 +1,208 @@
 """Benchmark: time and peak memory of one training step on CPU for BD3-LM, MDLM and AR of the same size.
 
-    python -m eval.train_speed [--length 256 --block-size 4 --layers 4 --dim 256 --vocab 4096 --batch 16]
+    python -m eval.train_speed [length=256 block_size=4 layers=4 dim=256 vocab=4096 batch=16 steps=5 ...]
+    python -m eval.train_speed 'variants=[bd3lm,ar]' 'precisions=[fp32]'
 
-Each configuration runs in its own process (peak RSS is per process). ``bd3lm-official-like`` runs the output head
-and a full-vocabulary fp32 log-softmax on all 2L positions before gathering the masked ones (what the official
-code does); ``bd3lm`` runs the head on the masked x_t rows only. Results print as a table and go to JSON.
+Each variant x precision runs in its own child process (peak RSS is per process): the parent runs
+``python -m eval.train_speed variant=X precision=Y <sizes>`` and reads the row the child prints as its last stdout
+line (a JSON object); with ``variant=`` set, this module measures that one variant in-process and writes nothing.
+``bd3lm-official-like`` runs the output head and a full-vocabulary fp32 log-softmax on all 2L positions before
+gathering the masked ones (what the official code does); ``bd3lm`` runs the head on the masked x_t rows only;
+``mdlm`` is block size L without the x_0 stream; ``ar`` a causal transformer. A step is forward, backward and
+AdamW update; the median of ``steps`` timed steps after ``warmup`` untimed ones is reported, with training tokens
+per second (batch x length / median) and the process's peak RSS. Results print as a table and go to JSON
+``output`` (``{"settings": ..., "rows": [...]}``, written atomically, with the environment record). Every key is
+documented in ``configs/eval/train_speed.yaml``. Bad input is one ``error:`` line on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, ListConfig
+
+from eval.common import ROOT, CLIError, cli_main, log, write_json
 
 VARIANTS = ["bd3lm", "bd3lm-official-like", "mdlm", "ar"]
+PRECISIONS = ["fp32", "bf16"]
+#: The keys a child process needs (besides ``variant`` and ``precision``).
+SIZE_KEYS = ("length", "block_size", "layers", "dim", "vocab", "batch", "steps", "warmup", "threads")
 
 
-def one(args: argparse.Namespace) -> dict:
+def _int(value: object, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise CLIError(f"{name} must be an integer >= {minimum}; got {value!r}")
+    return value
+
+
+def _names(value: object, name: str, allowed: list[str]) -> list[str]:
+    items = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
+    if not items:
+        raise CLIError(f"{name} is empty; give at least one of {', '.join(allowed)}")
+    for v in items:
+        if v not in allowed:
+            raise CLIError(f"{name} value {v!r} is not one of {', '.join(allowed)}")
+    return [str(v) for v in dict.fromkeys(items)]
+
+
+def check_config(cfg: DictConfig) -> dict[str, Any]:
+    """The validated settings (plain Python values); raises :class:`CLIError` on bad input."""
+    s: dict[str, Any] = {k: _int(cfg[k], k, 0 if k == "warmup" else 1) for k in SIZE_KEYS}
+    if s["length"] % s["block_size"]:
+        raise CLIError(f"block_size {s['block_size']} must divide length {s['length']}")
+    if s["dim"] % 64:
+        raise CLIError(f"dim must be a multiple of 64 (heads = dim // 64); got {s['dim']}")
+    if s["vocab"] < 2:
+        raise CLIError(f"vocab must be at least 2 (one token and the mask); got {s['vocab']}")
+    s["variants"] = _names(cfg.variants, "variants", VARIANTS)
+    s["precisions"] = _names(cfg.precisions, "precisions", PRECISIONS)
+    s["output"] = None if cfg.output is None else str(cfg.output)
+    return s
+
+
+def _peak_rss_mb() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+def measure_step(s: dict[str, Any], variant: str, precision: str) -> dict[str, Any]:
+    """Time ``s["steps"]`` training steps of ``variant`` at ``precision`` in this process; one result row."""
     import torch
 
     import bd3lm
-    from bd3lm.objectives import diffusion_loss, loss
+    from bd3lm.noise import get_schedule, sample_mask
+    from bd3lm.objectives import loss, stratified_t
 
     torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
-    v = args.variant
-    kw = dict(vocab_size=args.vocab, model_length=args.length, hidden_dim=args.dim, cond_dim=128,
-              n_blocks=args.layers, n_heads=args.dim // 64, dropout=0.0)
-    if v == "ar":
-        cfg = bd3lm.BD3LMConfig(block_size=1, causal=True, cross_attn=False, adaln=False, **kw)
-    elif v == "mdlm":
-        cfg = bd3lm.BD3LMConfig(block_size=args.length, cross_attn=False, **kw)
+    torch.set_num_threads(s["threads"])
+    length, bs, batch = s["length"], s["block_size"], s["batch"]
+    kw = dict(vocab_size=s["vocab"], model_length=length, hidden_dim=s["dim"], cond_dim=128,
+              n_blocks=s["layers"], n_heads=s["dim"] // 64, dropout=0.0)
+    if variant == "ar":
+        config = bd3lm.BD3LMConfig(block_size=1, causal=True, cross_attn=False, adaln=False, **kw)
+    elif variant == "mdlm":
+        config = bd3lm.BD3LMConfig(block_size=length, cross_attn=False, **kw)
     else:
-        cfg = bd3lm.BD3LMConfig(block_size=args.block_size, **kw)
-    model = bd3lm.BD3LM(cfg).train()
+        config = bd3lm.BD3LMConfig(block_size=bs, **kw)
+    model = bd3lm.BD3LM(config).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x0 = torch.randint(0, args.vocab - 1, (args.batch, args.length))
+    x0 = torch.randint(0, s["vocab"] - 1, (batch, length))
     g = torch.Generator().manual_seed(0)
 
-    def official_like():
-        from bd3lm.noise import get_schedule, sample_mask
-        from bd3lm.objectives import stratified_t
-
-        n_blocks = args.length // args.block_size
-        t = stratified_t(args.batch, n_blocks, (1e-3, 1.0), g)
-        masked = sample_mask(args.batch, args.length, args.block_size, t, get_schedule("loglinear"), generator=g)
-        xt = torch.where(masked, cfg.mask_index, x0)
+    def official_like() -> torch.Tensor:
+        """The official loss layout: head + fp32 log-softmax over all 2L positions, then gather."""
+        t = stratified_t(batch, length // bs, (1e-3, 1.0), g)
+        masked = sample_mask(batch, length, bs, t, get_schedule("loglinear"), generator=g)
+        xt = torch.where(masked, config.mask_index, x0)
         logits = model(input_ids=torch.cat([xt, x0], 1), output_all=True).logits
         logp = logits.float()
-        logp[..., cfg.mask_index] = -1e6
-        logp = logp.log_softmax(-1)[:, : args.length]
+        logp[..., config.mask_index] = -1e6
+        logp = logp.log_softmax(-1)[:, :length]
         nll = -logp.gather(-1, x0[..., None]).squeeze(-1)
-        w = (1 / t).repeat_interleave(args.block_size, 1)
+        w = (1 / t).repeat_interleave(bs, 1)
         return (nll * masked * w).sum() / x0.numel()
 
-    def step():
+    def step() -> None:
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-            out = official_like() if v == "bd3lm-official-like" else loss(model, x0, generator=g).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = official_like() if variant == "bd3lm-official-like" else loss(model, x0, generator=g).loss
         out.backward()
         opt.step()
 
-    del diffusion_loss
-    for _ in range(args.warmup):
+    for _ in range(s["warmup"]):
         step()
     times = []
-    for _ in range(args.steps):
+    for _ in range(s["steps"]):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    times.sort()
-    return {"variant": v, "precision": args.precision, "seconds_per_step": times[len(times) // 2],
-            "tokens_per_second": args.batch * args.length / times[len(times) // 2],
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+    seconds = statistics.median(times)
+    return {
+        "variant": variant,
+        "precision": precision,
+        "seconds_per_step": seconds,
+        "seconds_all": times,
+        "tokens_per_second": batch * length / seconds,
+        "peak_rss_mb": _peak_rss_mb(),
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+    }
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--length", type=int, default=256)
-    p.add_argument("--block-size", type=int, default=4)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--precisions", default="fp32,bf16")
-    p.add_argument("--output", default="train_speed.json")
-    p.add_argument("--variant", help=argparse.SUPPRESS)
-    p.add_argument("--precision", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.variant:
-        print(json.dumps(one(args)))
-        return
+def _child(s: dict[str, Any], variant: str, precision: str) -> dict[str, Any]:
+    """Run one variant in a fresh ``python -m eval.train_speed variant=... precision=...`` process."""
+    cmd = [sys.executable, "-m", "eval.train_speed", f"variant={variant}", f"precision={precision}"]
+    cmd += [f"{k}={s[k]}" for k in SIZE_KEYS]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        err = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        raise CLIError(
+            f"child {variant}/{precision} failed with exit code {proc.returncode}: {err[-1] if err else 'no output'}"
+        )
+    try:
+        return json.loads(lines[-1])
+    except json.JSONDecodeError:
+        raise CLIError(f"child {variant}/{precision} printed no result row (last line {lines[-1][:80]!r})") from None
+
+
+def _print_table(rows: list[dict[str, Any]], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console() if Console().is_terminal else Console(width=160)
+    table = Table(title=title)
+    for col in ("variant", "precision", "ms/step", "tok/s", "peak RSS MB", "params M"):
+        table.add_column(col, justify="left" if col in ("variant", "precision") else "right")
+    for r in rows:
+        table.add_row(r["variant"], r["precision"], f"{r['seconds_per_step'] * 1000:.0f}",
+                      f"{r['tokens_per_second']:.0f}", f"{r['peak_rss_mb']:.0f}", f"{r['params_m']:.1f}")
+    console.print(table)
+
+
+def run_train_speed(cfg: DictConfig) -> dict[str, Any]:
+    """Measure every ``variants`` x ``precisions`` (each in a child process), print the table, write ``cfg.output``
+    and return ``{"settings": ..., "rows": [...]}``. With ``cfg.variant`` set, measure that one variant in this
+    process, print its row as one JSON line and return ``{"settings": ..., "rows": [row]}`` (nothing written).
+    Raises :class:`CLIError` on bad input."""
+    s = check_config(cfg)
+    if cfg.variant is not None:
+        variant = _names(cfg.variant, "variant", VARIANTS)[0]
+        precision = _names(cfg.precision if cfg.precision is not None else "fp32", "precision", PRECISIONS)[0]
+        row = measure_step(s, variant, precision)
+        print(json.dumps(row), flush=True)
+        return {"settings": s, "rows": [row]}
+    import torch
+
+    from bd3lm.evaluation.speed import environment
+
     rows = []
-    for prec in args.precisions.split(","):
-        for v in args.variants.split(","):
-            cmd = [sys.executable, "-m", "eval.train_speed", *sys.argv[1:], "--variant", v, "--precision", prec]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-            rows.append(json.loads(out))
-            r = rows[-1]
-            print(f"{r['variant']:>22} {r['precision']:>5}  {r['seconds_per_step'] * 1000:8.0f} ms/step  "
-                  f"{r['tokens_per_second']:8.0f} tok/s  peak RSS {r['peak_rss_mb']:7.0f} MB  "
-                  f"({r['params_m']:.1f}M params)",
-                  flush=True)
-    with open(args.output, "w") as f:
-        json.dump({"settings": {k: v for k, v in vars(args).items() if k not in ("variant", "precision")},
-                   "rows": rows}, f, indent=2)
+    for prec in s["precisions"]:
+        for v in s["variants"]:
+            r = _child(s, v, prec)
+            rows.append(r)
+            log(f"{r['variant']:>22} {r['precision']:>5}  {r['seconds_per_step'] * 1000:8.0f} ms/step  "
+                f"{r['tokens_per_second']:8.0f} tok/s  peak RSS {r['peak_rss_mb']:7.0f} MB  "
+                f"({r['params_m']:.1f}M params)")
+    torch.set_num_threads(s["threads"])
+    _print_table(rows, f"training step: batch {s['batch']} x length {s['length']}, L'={s['block_size']}, "
+                       f"{s['threads']} threads, torch {torch.__version__}, median of {s['steps']}")
+    result = {"settings": {**s, "environment": environment()}, "rows": rows}
+    if s["output"] is not None:
+        write_json(s["output"], result)
+        log(f"wrote {s['output']}")
+    return result
+
+
+@hydra.main(version_base=None, config_path="../configs/eval", config_name="train_speed")
+def main(cfg: DictConfig) -> None:
+    cli_main(run_train_speed, cfg)
 
 
 if __name__ == "__main__":
