@@ -56,6 +56,31 @@ def write_json(path: str | os.PathLike, obj) -> Path:
     return write_text(path, json.dumps(_finite(obj), indent=2, allow_nan=False, default=str) + "\n")
 
 
+def checkpoint_of(cfg) -> Path:
+    """``cfg.checkpoint`` as an existing directory (checked before any slow import), else a :class:`CLIError`."""
+    if cfg.checkpoint is None:
+        raise CLIError("checkpoint=DIR is required (a directory written by save_pretrained, with its tokenizer)")
+    path = Path(os.path.expanduser(str(cfg.checkpoint)))
+    if not path.is_dir():
+        raise CLIError(f"checkpoint directory {str(path)!r} does not exist")
+    return path
+
+
+def positive_int(cfg, key: str) -> int:
+    """``cfg[key]`` as an integer >= 1, else a :class:`CLIError` naming the key and the value."""
+    value = cfg[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CLIError(f"{key} must be an integer >= 1; got {value!r}")
+    return value
+
+
+def set_threads(cfg) -> None:
+    if cfg.get("threads"):
+        import torch
+
+        torch.set_num_threads(positive_int(cfg, "threads"))
+
+
 def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 

@@ -11,13 +11,10 @@ cannot be loaded offline, a missing extra, bad values) is one ``error:`` line on
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import hydra
 from omegaconf import DictConfig
 
-from eval.common import CLIError, cli_main, log, write_json
+from eval.common import checkpoint_of, cli_main, log, positive_int, set_threads, write_json
 
 GENERATE_KEYS = ("sampler", "steps", "threshold", "temperature", "top_k", "top_p", "top_p_rule", "kv_cache",
                  "window_stride", "streaming")
@@ -25,21 +22,12 @@ GENERATE_KEYS = ("sampler", "steps", "threshold", "temperature", "top_k", "top_p
 
 def run_genppl(cfg: DictConfig) -> dict:
     """Generate, judge and report; returns the summary dict (samples included)."""
-    if cfg.checkpoint is None:
-        raise CLIError("checkpoint=DIR is required (a directory written by save_pretrained, with its tokenizer)")
-    for key in ("num_samples", "batch_size"):
-        v = cfg[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise CLIError(f"{key} must be an integer >= 1; got {v!r}")
-    ckpt = Path(os.path.expanduser(str(cfg.checkpoint)))
-    if not ckpt.is_dir():
-        raise CLIError(f"checkpoint directory {str(ckpt)!r} does not exist")
-    import torch
-
+    ckpt = checkpoint_of(cfg)
+    positive_int(cfg, "num_samples")
+    positive_int(cfg, "batch_size")
     from bd3lm.evaluation import load_checkpoint, load_judge, sample_quality
 
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
+    set_threads(cfg)
     judge = load_judge(str(cfg.judge), context=cfg.judge_context, device=str(cfg.device))
     model, tok = load_checkpoint(ckpt, str(cfg.device))
     gen = {k: cfg[k] for k in GENERATE_KEYS if cfg[k] is not None}

@@ -9,12 +9,11 @@ Keys: ``configs/eval/lengths.yaml``.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from eval.common import CLIError, cli_main, write_json, write_text
+from eval.common import checkpoint_of, cli_main, positive_int, set_threads, write_json, write_text
 
 
 def markdown(st: dict, title: str) -> str:
@@ -36,20 +35,13 @@ def report(st: dict, stem: str | os.PathLike | None, title: str) -> None:
 
 
 def run_lengths(cfg: DictConfig) -> dict:
-    if cfg.checkpoint is None:
-        raise CLIError("checkpoint=DIR is required")
-    ckpt = Path(os.path.expanduser(str(cfg.checkpoint)))
-    if not ckpt.is_dir():
-        raise CLIError(f"checkpoint directory {str(ckpt)!r} does not exist")
-    mf = cfg.max_factor
-    if isinstance(mf, bool) or not isinstance(mf, int) or mf < 1:
-        raise CLIError(f"max_factor must be an integer >= 1; got {mf!r}")
-    import torch
-
+    ckpt = checkpoint_of(cfg)
+    mf = positive_int(cfg, "max_factor")
+    positive_int(cfg, "num_samples")
+    positive_int(cfg, "batch_size")
     from bd3lm.evaluation import length_statistics, load_checkpoint
 
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
+    set_threads(cfg)
     model, tok = load_checkpoint(ckpt, str(cfg.device))
     st = length_statistics(model, tok, num_samples=cfg.num_samples, batch_size=int(cfg.batch_size),
                            max_new_tokens=mf * model.config.model_length, stop_entropy=cfg.stop_entropy,

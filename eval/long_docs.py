@@ -9,12 +9,11 @@ Wraps :func:`bd3lm.evaluation.long_documents`; compares the exact window (re-enc
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from eval.common import CLIError, cli_main, write_json, write_text
+from eval.common import checkpoint_of, cli_main, positive_int, set_threads, write_json, write_text
 
 
 def markdown(rows: list[dict], title: str) -> str:
@@ -35,17 +34,11 @@ def report(rows: list[dict], stem: str | os.PathLike | None, title: str) -> None
 
 
 def run_long_docs(cfg: DictConfig) -> list[dict]:
-    if cfg.checkpoint is None:
-        raise CLIError("checkpoint=DIR is required")
-    ckpt = Path(os.path.expanduser(str(cfg.checkpoint)))
-    if not ckpt.is_dir():
-        raise CLIError(f"checkpoint directory {str(ckpt)!r} does not exist")
-    import torch
-
+    ckpt = checkpoint_of(cfg)
+    positive_int(cfg, "num_samples")
     from bd3lm.evaluation import load_checkpoint, load_judge, long_documents
 
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
+    set_threads(cfg)
     judge = load_judge(str(cfg.judge), device=str(cfg.device))
     model, tok = load_checkpoint(ckpt, str(cfg.device))
     rows = long_documents(model, tok, judge, factors=list(cfg.factors), modes=list(cfg.modes),

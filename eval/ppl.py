@@ -10,35 +10,25 @@ table, writes JSON (``output=``). Every key is documented in ``configs/eval/ppl.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from eval.common import CLIError, cli_main, log, write_json
+from eval.common import CLIError, checkpoint_of, cli_main, log, set_threads, write_json
 
 
 def run_ppl(cfg: DictConfig) -> dict:
     """Evaluate ``cfg.checkpoint`` on ``cfg.dataset`` (or its validation split); returns the result as a dict."""
     from bd3lm.evaluation import PROTOCOLS
 
-    if cfg.checkpoint is None:
-        raise CLIError("checkpoint=DIR is required (a directory written by save_pretrained, with its tokenizer)")
+    ckpt = checkpoint_of(cfg)
     if str(cfg.protocol) not in PROTOCOLS:
         raise CLIError(f"protocol must be one of {', '.join(PROTOCOLS)}; got {cfg.protocol!r}")
     k = cfg.num_samples
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise CLIError(f"num_samples (K) must be an integer >= 1; got {k!r}")
-    ckpt = Path(os.path.expanduser(str(cfg.checkpoint)))
-    if not ckpt.is_dir():
-        raise CLIError(f"checkpoint directory {str(ckpt)!r} does not exist")
-    import torch
-
     from bd3lm.evaluation import chunks_from_file, likelihood, load_checkpoint, validation_chunks
 
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
+    set_threads(cfg)
     model, tok = load_checkpoint(ckpt, str(cfg.device))
     if cfg.block_size is not None:
         bs = int(cfg.block_size)
