@@ -39,6 +39,8 @@ class BD3LMConfig(PretrainedConfig):
     ``cross_attn=False``) is a plain autoregressive transformer. ``mask_token_id`` defaults to
     ``vocab_size - 1`` (the official convention: the mask is appended to the tokenizer's vocabulary).
     ``attn_backend=None`` chooses automatically (see :func:`bd3lm.kernels.resolve_backend`).
+    ``ignore_bos`` (not an official field): the model was trained with position 0 clean and not in the loss (the
+    official ``algo.ignore_bos``); :func:`bd3lm.evaluation.likelihood` then leaves it out of the bound too.
     """
 
     model_type = "bd3lm"

@@ -244,6 +244,22 @@ def test_finetune_from_a_block_size_l_pretrain(tmp_path, cache_dir, workdir):
     assert checkpoints(bad) == []
 
 
+def test_ignore_bos_training_is_evaluated_the_same_way(tmp_path, cache_dir, workdir):
+    from omegaconf import OmegaConf
+
+    from bd3lm.evaluation import likelihood, load_checkpoint, validation_chunks
+
+    run_dir = tmp_path / "ignore_bos"
+    ok(run(train_cmd(run_dir, cache_dir, "algo.ignore_bos=true", "trainer.max_steps=4", "trainer.val_every=2",
+                     "algo.search_every=0"), workdir))
+    model, tok = load_checkpoint(run_dir / "hf")
+    assert model.config.ignore_bos is True
+    valid = validation_chunks(OmegaConf.load(run_dir / "config.yaml"), tok)
+    res = likelihood(model, valid, max_sequences=8, num_samples=1)
+    assert res.ignore_first and res.tokens_per_sequence == 63
+    assert likelihood(model, valid, max_sequences=8, protocol="official").ignore_first
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 
