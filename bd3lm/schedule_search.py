@@ -79,7 +79,8 @@ def clipped_schedule_search(
                 continue
             var_sum, mean_sum = 0.0, 0.0
             for x0 in batches:
-                per_block = diffusion_loss(model, x0, schedule=sched, interval=(lo, hi), generator=generator).per_block
+                per_block = diffusion_loss(model, x0, schedule=sched, interval=(lo, hi), generator=generator,
+                                           ignore_first=bool(getattr(model.config, "ignore_bos", False))).per_block
                 if all_gather is not None:
                     per_block = all_gather(per_block).reshape(-1)
                 cells = per_block.reshape(-1).double()

@@ -45,7 +45,7 @@ def run_ppl(cfg: DictConfig) -> dict:
     else:
         eos = protocol.insert_eos if cfg.insert_eos is None else bool(cfg.insert_eos)
         chunks = chunks_from_file(str(cfg.dataset), tok, model.config.model_length, insert_eos=eos,
-                                  text_field=str(cfg.text_field))
+                                  chunk_special=bool(cfg.chunk_special), text_field=str(cfg.text_field))
         source = str(cfg.dataset)
     log(f"eval.ppl: {chunks.shape[0]} chunks of {chunks.shape[1]} tokens from {source}")
     res = likelihood(model, chunks, protocol=protocol, num_samples=k, ignore_first=cfg.ignore_first,

@@ -16,7 +16,9 @@ See ``configs/eval/sweep.yaml`` for every option.
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -30,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from eval.common import ROOT, CLIError, cli_main, log, write_json, write_text
 
-TOKENS_PER_STEP = 16 * 128  # the sweep experiment's batch x model_length
+RESUMABLE = ("trainer.max_steps=", "trainer.val_every=")  # overrides a larger budget may change on resume
 
 
 @dataclass(frozen=True)
@@ -44,18 +46,38 @@ class SweepModel:
     fraction: float = 1.0
 
 
+def train_shape(cfg: DictConfig) -> tuple[int, int]:
+    """``(model_length, tokens per optimiser step)`` of the experiment with the sweep's train overrides."""
+    return _shape(str(cfg.experiment), tuple(str(o) for o in cfg.train_overrides))
+
+
+@functools.lru_cache(maxsize=8)
+def _shape(experiment: str, overrides: tuple[str, ...]) -> tuple[int, int]:
+    sys.path.insert(0, str(ROOT))
+    try:
+        import train
+    finally:
+        sys.path.remove(str(ROOT))
+    tc = train.compose_config([f"experiment={experiment}", *overrides])
+    length = int(tc.model.length)
+    return length, int(tc.data.batch_size) * int(tc.trainer.accumulate_grad_batches) * int(tc.trainer.devices) * length
+
+
 def plan(cfg: DictConfig) -> list[SweepModel]:
     """The models of the sweep, parents before children."""
     sizes = [int(b) for b in cfg.block_sizes]
+    if not sizes:
+        raise CLIError("block_sizes is empty: give at least one BD3-LM block size, e.g. [4, 8, 16]")
+    length = train_shape(cfg)[0]
     for b in sizes + [int(cfg.finetune_block_size)]:
-        if b < 1 or 128 % b:
-            raise CLIError(f"block size {b} must divide the sweep's model_length 128")
+        if b < 1 or length % b:
+            raise CLIError(f"block size {b} must divide the sweep's model_length {length}")
     frac = float(cfg.finetune_fraction)
     if not 0 < frac <= 1:
         raise CLIError(f"finetune_fraction must be in (0, 1]; got {frac}")
     models = [SweepModel("ar", "ar", 1)]
     models += [SweepModel(f"bd3lm_{b}", "bd3lm", b) for b in sizes]
-    models.append(SweepModel("mdlm", "mdlm", 128))
+    models.append(SweepModel("mdlm", "mdlm", length))
     fb = int(cfg.finetune_block_size)
     models.append(SweepModel(f"bd3lm_{fb}_ft", "bd3lm", fb, init="mdlm", fraction=frac))
     return models
@@ -63,9 +85,10 @@ def plan(cfg: DictConfig) -> list[SweepModel]:
 
 def steps_of(cfg: DictConfig, m: SweepModel) -> int:
     budget = int(cfg.budget)
-    if budget < TOKENS_PER_STEP:
-        raise CLIError(f"budget {budget} is below one training step ({TOKENS_PER_STEP} tokens)")
-    return max(1, round(budget * m.fraction / TOKENS_PER_STEP))
+    per_step = train_shape(cfg)[1]
+    if budget < per_step:
+        raise CLIError(f"budget {budget} is below one training step ({per_step} tokens)")
+    return max(1, round(budget * m.fraction / per_step))
 
 
 def overrides_of(cfg: DictConfig, m: SweepModel, out: Path) -> list[str]:
@@ -86,9 +109,21 @@ def overrides_of(cfg: DictConfig, m: SweepModel, out: Path) -> list[str]:
     return ov + [str(o) for o in cfg.train_overrides]
 
 
+def _fixed(overrides: list[str]) -> list[str]:
+    return [o for o in overrides if not o.startswith(RESUMABLE)]
+
+
+def _steps(overrides: list[str]) -> int:
+    return int(next(o for o in overrides if o.startswith("trainer.max_steps=")).split("=", 1)[1])
+
+
 def train_model(cfg: DictConfig, m: SweepModel, out: Path) -> Path:
-    """Train ``m`` with train.py in a child process unless a finished run with the same command line (and the
-    same parent run) exists. A larger budget resumes the run; a child whose parent changed starts afresh."""
+    """Train ``m`` with train.py in a child process, unless it is already trained with the same command line.
+
+    The run directory's ``sweep_done.json`` records the command line, the parent's and whether training finished.
+    Same everything: kept. Only a larger budget (max_steps): resumed from ``last.ckpt``. Anything else (another
+    model, seed, override, a smaller budget, a retrained parent): the directory is removed and trained afresh.
+    """
     run_dir = out / m.name
     marker = run_dir / "sweep_done.json"
     key = {"overrides": overrides_of(cfg, m, out), "parent": None}
@@ -96,20 +131,27 @@ def train_model(cfg: DictConfig, m: SweepModel, out: Path) -> Path:
         parent = out / m.init / "sweep_done.json"
         key["parent"] = json.loads(parent.read_text())["overrides"] if parent.is_file() else None
     done = json.loads(marker.read_text()) if marker.is_file() else None
-    if done is not None and {k: done.get(k) for k in key} == key and (run_dir / "hf").is_dir():
-        log(f"sweep: {m.name} already trained ({run_dir}), kept")
-        return run_dir / "hf"
-    if done is not None and done.get("parent") != key["parent"]:
-        log(f"sweep: the parent of {m.name} changed: training it again from the new parent")
-        shutil.rmtree(run_dir)
+    if done is None and run_dir.exists():
+        raise CLIError(f"{run_dir} exists but was not written by eval.sweep: remove it or choose another out_dir")
+    if done is not None:
+        same = {k: done.get(k) for k in key} == key
+        if same and done.get("state") == "done" and (run_dir / "hf").is_dir():
+            log(f"sweep: {m.name} already trained ({run_dir}), kept")
+            return run_dir / "hf"
+        resumable = (_fixed(done["overrides"]) == _fixed(key["overrides"]) and done.get("parent") == key["parent"]
+                     and _steps(done["overrides"]) <= _steps(key["overrides"]))
+        if not resumable:
+            log(f"sweep: {m.name} was trained with other settings: training it afresh")
+            shutil.rmtree(run_dir)
     ov = key["overrides"]
+    write_json(marker, {**key, "state": "running"})
     log(f"sweep: training {m.name}: python train.py {' '.join(ov)}")
     t0 = time.perf_counter()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *ov], cwd=ROOT, env=env)
     if proc.returncode != 0:
         raise CLIError(f"training {m.name} failed with exit code {proc.returncode} (see its output above)")
-    write_json(marker, {**key, "seconds": time.perf_counter() - t0})
+    write_json(marker, {**key, "state": "done", "seconds": time.perf_counter() - t0})
     return run_dir / "hf"
 
 
@@ -130,6 +172,11 @@ def evaluate_model(cfg: DictConfig, m: SweepModel, hf: Path, judge) -> dict:
     # one context per sample: BOS + (model_length - 1) new tokens, so MDLM denoises exactly one window too
     sp = speed(model, batch_size=1, new_tokens=model.config.model_length - 1, repeats=int(cfg.speed.repeats),
                bos_token_id=tok.bos_token_id, sampler="first_hitting")
+    own = int(info.get("tokens", steps_of(cfg, m) * train_shape(cfg)[1]))
+    parent_tokens = 0
+    if m.init != "scratch":  # the fine-tune's cost includes its pretrain
+        pinfo = hf.parent.parent / m.init / "hf" / "training_info.json"
+        parent_tokens = int(json.loads(pinfo.read_text()).get("tokens", 0)) if pinfo.is_file() else 0
     return {
         "model": m.algo,
         "name": m.name,
@@ -146,7 +193,8 @@ def evaluate_model(cfg: DictConfig, m: SweepModel, hf: Path, judge) -> dict:
         "nfe": q.nfe_per_sample,
         "tokens_per_forward": q.tokens_per_forward,
         "tokens_per_s": sp.tokens_per_s,
-        "train_tokens": int(info.get("tokens", steps_of(cfg, m) * TOKENS_PER_STEP)),
+        "train_tokens": own,
+        "total_train_tokens": own + parent_tokens,
         "val_nll_in_training": info.get("val_nll"),
         "train_seconds": json.loads((hf.parent / "sweep_done.json").read_text()).get("seconds")
         if (hf.parent / "sweep_done.json").is_file() else None,
@@ -159,20 +207,22 @@ def reference_quality(judge, hf: Path, num: int, seed: int) -> dict:
     import random
     import statistics
 
-    from bd3lm.evaluation import load_checkpoint, score_texts, validation_chunks
+    from bd3lm.evaluation import load_checkpoint, score_texts, to_judge_ids, validation_chunks
+    from bd3lm.evaluation.sample_quality import score_ids
 
     _, tok = load_checkpoint(hf)
     chunks = validation_chunks(OmegaConf.load(hf.parent / "config.yaml"), tok)
     step = max(1, chunks.shape[0] // num)
-    texts = [tok.decode(chunks[i, 1:].tolist(), skip_special_tokens=True) for i in range(0, chunks.shape[0], step)]
-    texts = texts[:num]
+    picked = [chunks[i, 1:].tolist() for i in range(0, chunks.shape[0], step)][:num]  # as a sample after BOS
+    real = [score_ids(judge, to_judge_ids(ids, tok, judge)) for ids in picked]
     rng = random.Random(seed)
     shuffled = []
-    for t in texts:
-        words = t.split()
+    for ids in picked:
+        words = tok.decode(ids, skip_special_tokens=True).split()
         rng.shuffle(words)
         shuffled.append(" ".join(words))
-    real, mixed = score_texts(judge, texts), score_texts(judge, shuffled)
+    mixed = score_texts(judge, shuffled)
+    texts = picked
     return {"texts": len(texts), "data_gen_ppl": statistics.fmean(s.ppl for s in real),
             "data_entropy": statistics.fmean(s.entropy for s in real),
             "shuffled_gen_ppl": statistics.fmean(s.ppl for s in mixed)}
@@ -197,6 +247,10 @@ def markdown_table(rows: list[dict], reference: dict | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
 def pareto_plot(rows: list[dict], path: Path) -> Path:
     """Two panels (gen-PPL and the PPL bound against tokens/s), one labelled point per model, the front drawn."""
     import matplotlib
@@ -206,7 +260,11 @@ def pareto_plot(rows: list[dict], path: Path) -> Path:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, title in ((axes[0], "gen_ppl", "gen-PPL (judge)"), (axes[1], "ppl", "perplexity bound")):
-        pts = sorted(((r["tokens_per_s"], r[key], r["name"]) for r in rows), key=lambda p: -p[0])
+        finite = [r for r in rows if _finite(r.get(key)) and _finite(r.get("tokens_per_s"))]
+        pts = sorted(((r["tokens_per_s"], r[key], r["name"]) for r in finite), key=lambda p: -p[0])
+        if not pts:
+            ax.set_title(f"{title}: no finite values")
+            continue
         for x, y, name in pts:
             ax.scatter(x, y, s=30)
             ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)

@@ -153,6 +153,17 @@ def test_sweep_plan_and_resume(tmp_path, monkeypatch):
     sweep.sweep(sweep_cfg(tmp_path, stage="train", budget=8192))
     assert len(calls) == 12  # a new budget resumes them; the fine-tune's parent changed, so it is retrained
     assert not (Path(cfg.out_dir) / "bd3lm_4_ft" / "stale").exists()
+    (Path(cfg.out_dir) / "ar" / "stale").touch()
+    sweep.sweep(sweep_cfg(tmp_path, stage="train", budget=8192, seed=5))  # another seed: every run afresh
+    assert len(calls) == 18 and not (Path(cfg.out_dir) / "ar" / "stale").exists()
+    (Path(cfg.out_dir) / "ar" / "stale").touch()
+    sweep.sweep(sweep_cfg(tmp_path, stage="train", budget=4096, seed=5))  # a smaller budget: afresh too
+    assert len(calls) == 24 and not (Path(cfg.out_dir) / "ar" / "stale").exists()
+    (Path(cfg.out_dir) / "ar" / "sweep_done.json").unlink()
+    with pytest.raises(ValueError, match=r"exists but was not written by eval.sweep"):
+        sweep.sweep(sweep_cfg(tmp_path, stage="train", budget=4096, seed=5))
+    with pytest.raises(ValueError, match=r"^block_sizes is empty"):
+        sweep.plan(sweep_cfg(tmp_path, block_sizes=[]))
     with pytest.raises(ValueError, match=r"^block size 3 must divide the sweep's model_length 128$"):
         sweep.plan(sweep_cfg(tmp_path, block_sizes=[3]))
 
@@ -168,3 +179,5 @@ def test_sweep_table_and_pareto_plot(tmp_path):
     assert "| ar | 1 | scratch | 100.0 (exact) |" in table and "200.0 [190.0, 210.0]" in table
     png = sweep.pareto_plot(rows, tmp_path / "p.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows[0]["gen_ppl"] = rows[1]["gen_ppl"] = float("nan")  # no judge score: the panel says so, nothing crashes
+    assert sweep.pareto_plot(rows, tmp_path / "q.png").is_file()

@@ -117,6 +117,8 @@ def test_judge_errors_are_one_line(tmp_path, monkeypatch, ar_judge_dir):
     tiny_tokenizer().save_pretrained(diffusion)
     bd3lm.BD3LM(bd3lm.BD3LMConfig(vocab_size=303, model_length=16, block_size=4, hidden_dim=32, cond_dim=16,
                                   n_blocks=1, n_heads=4)).save_pretrained(diffusion)
+    with pytest.raises(ValueError, match=r"^judge context must be an integer in \[2, 64\] for .*; got 65$"):
+        load_judge(str(ar_judge_dir), context=65)
     with pytest.raises(ValueError, match=r"is not autoregressive \(config.causal is false\)$"):
         load_judge(str(diffusion))
     monkeypatch.setattr(judge_mod.importlib.util, "find_spec", lambda name: None)

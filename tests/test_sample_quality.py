@@ -65,6 +65,21 @@ def test_gen_ppl_is_the_mean_of_per_sample_oracle_perplexities(model_and_tok, ar
     assert res.samples[0]["nfe"] == first.nfe_per_sequence[0]
 
 
+def test_a_prompt_is_context_for_the_judge_and_not_scored(model_and_tok, ar_judge_dir):  # noqa: F811
+    model, tok = model_and_tok
+    judge = load_judge(str(ar_judge_dir))
+    jmodel = bd3lm.BD3LM.from_pretrained(ar_judge_dir).eval()
+    res = sample_quality(model, tok, judge, num_samples=2, batch_size=2, max_new_tokens=8, seed=1, prompt="hello")
+    body = tok("hello", add_special_tokens=False)["input_ids"]
+    n_ctx = 1 + len(judge.encode("hello"))
+    for s in res.samples:
+        ids = to_judge_ids(body + s["token_ids"], tok, judge)
+        assert ids[:n_ctx] == [judge.sep_id, *judge.encode("hello")]
+        total, count = oracle_nll(jmodel, ids, judge.context, judge.context // 2, judge.skip_ids)
+        head, n_head = oracle_nll(jmodel, ids[:n_ctx], judge.context, judge.context // 2, judge.skip_ids)
+        assert s["judge_tokens"] == count - n_head and s["nll"] == pytest.approx(total - head, abs=1e-5 * count)
+
+
 def test_stop_at_eos_reports_lengths(model_and_tok, ar_judge_dir):  # noqa: F811
     model, tok = model_and_tok
     judge = load_judge(str(ar_judge_dir))

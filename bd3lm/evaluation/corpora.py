@@ -53,7 +53,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
 def validation_chunks(train_cfg, tokenizer) -> torch.Tensor:
     """The validation chunks of the run whose resolved ``config.yaml`` is ``train_cfg`` (an OmegaConf node)."""
     data = train_cfg.data
-    path = str(data.path) if data.path else default_corpus()
+    path = os.path.expanduser(str(data.path)) if data.path else default_corpus()  # as train.py reads it
     _, valid = build_datasets(
         path,
         tokenizer,
@@ -71,19 +71,27 @@ def validation_chunks(train_cfg, tokenizer) -> torch.Tensor:
 
 
 def chunks_from_file(
-    path: str | os.PathLike, tokenizer, model_length: int, *, insert_eos: bool = True, text_field: str = "text"
+    path: str | os.PathLike,
+    tokenizer,
+    model_length: int,
+    *,
+    insert_eos: bool = True,
+    chunk_special: bool = False,
+    text_field: str = "text",
 ) -> torch.Tensor:
     """Pack every document of ``path`` into ``(N, model_length)`` chunks; a corpus shorter than one chunk is an
-    error naming its token count."""
+    error naming its token count. ``chunk_special``: every chunk is ``[BOS] body [EOS]`` (the official zero-shot
+    packing, where position 0 is the BOS that ``ignore_first`` then leaves out)."""
     path = os.fspath(path)
     if not Path(path).exists():
         raise FileNotFoundError(f"dataset {path!r} does not exist (a local .txt/.txt.gz/.jsonl/.parquet file or a "
                                 "directory of them)")
     docs = read_documents(path, text_field)
     ids = tokenize_documents(docs, tokenizer)
-    if tokenizer.eos_token_id is None and insert_eos:
-        raise ValueError("the tokenizer has no EOS token to insert between documents (set insert_eos=false)")
+    if tokenizer.eos_token_id is None and (insert_eos or chunk_special):
+        raise ValueError("the tokenizer has no EOS token to insert (set insert_eos=false chunk_special=false)")
     try:
-        return pack(ids, model_length, eos_id=tokenizer.eos_token_id, insert_eos=insert_eos)
+        return pack(ids, model_length, eos_id=tokenizer.eos_token_id, bos_id=tokenizer.bos_token_id,
+                    insert_eos=insert_eos, chunk_special=chunk_special)
     except ValueError as exc:
         raise ValueError(f"dataset {path!r}: {exc}") from None

@@ -42,7 +42,8 @@ INSTALL_HINT = "install the optional extra 'judge': pip install -e '.[judge]' &&
 class Judge:
     """A scoring LM: ``logits_fn(ids (B, n)) -> (B, n, V)`` next-token logits, its tokenizer and context.
 
-    ``sep_id`` starts every scored text and separates documents (never counted as a target).
+    ``sep_id`` starts every scored text and separates documents (never counted as a target). ``context`` is
+    the default window, ``max_context`` the longest the model accepts.
     """
 
     name: str
@@ -52,6 +53,7 @@ class Judge:
     sep_id: int
     skip_ids: frozenset[int]
     device: torch.device
+    max_context: int = 1024
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -77,13 +79,25 @@ def windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
     return out
 
 
+def check_context(judge: Judge, context: int | None) -> int:
+    """The window to use: ``context`` (default the judge's), at most what the judge accepts."""
+    ctx = judge.context if context is None else context
+    if isinstance(ctx, bool) or not isinstance(ctx, int) or not 2 <= ctx <= judge.max_context:
+        raise ValueError(f"judge context must be an integer in [2, {judge.max_context}] for {judge.name}; got {ctx!r}")
+    return ctx
+
+
 @torch.no_grad()
 def sliding_window_nll(
-    judge: Judge, ids: Sequence[int], *, context: int | None = None, stride: int | None = None, batch_size: int = 8
+    judge: Judge, ids: Sequence[int], *, context: int | None = None, stride: int | None = None,
+    max_batch_tokens: int = 8192,
 ) -> tuple[Tensor, Tensor]:
     """``(nll, counted)`` per position of ``ids``: ``nll[p] = -log p(ids[p] | window context)`` for ``p >= 1``
-    (0 at position 0 and at uncounted targets), ``counted[p]`` whether target ``p`` is counted."""
-    context = judge.context if context is None else int(context)
+    (0 at position 0 and at uncounted targets), ``counted[p]`` whether target ``p`` is counted.
+
+    Windows are batched up to ``max_batch_tokens`` positions per forward (the judge's logits are the memory peak:
+    positions x vocabulary floats); log-probabilities are ``logit[target] - logsumexp(logits)`` in float32."""
+    context = check_context(judge, context)
     stride = max(1, context // 2) if stride is None else int(stride)
     n = len(ids)
     nll = torch.zeros(n, dtype=torch.float64)
@@ -92,16 +106,19 @@ def sliding_window_nll(
         return nll, counted
     x = torch.tensor(list(ids), dtype=torch.long)
     wins = windows(n, context, stride)
-    for i in range(0, len(wins), batch_size):
-        group = wins[i : i + batch_size]
+    per_batch = max(1, max_batch_tokens // context)
+    for i in range(0, len(wins), per_batch):
+        group = wins[i : i + per_batch]
         width = max(e - s for s, e, _ in group)
         batch = torch.zeros(len(group), width, dtype=torch.long)
         for j, (s, e, _) in enumerate(group):  # right padding: causal logits of earlier positions are unaffected
             batch[j, : e - s] = x[s:e]
-        logp = torch.log_softmax(judge.logits_fn(batch.to(judge.device)).double(), dim=-1).cpu()
+        logits = judge.logits_fn(batch.to(judge.device)).float()
         for j, (s, e, first) in enumerate(group):
             pos = torch.arange(first, e)
-            nll[pos] = -logp[j, pos - s - 1, x[pos]]
+            rows = logits[j, pos - s - 1]  # the logits at p - 1 predict the token at p
+            target = rows.gather(-1, x[pos].to(rows.device)[:, None]).squeeze(-1)
+            nll[pos] = (torch.logsumexp(rows, dim=-1) - target).double().cpu()
     skip = torch.tensor(sorted(judge.skip_ids), dtype=torch.long)
     counted[1:] = ~torch.isin(x[1:], skip)
     nll[~counted] = 0.0
@@ -121,7 +138,7 @@ def _smollm2_file() -> Path:
 def _hf_judge(name: str, model, tok, context: int | None, device) -> Judge:
     model = model.to(device).eval()
     max_pos = int(getattr(model.config, "max_position_embeddings", 1024) or 1024)
-    ctx = min(1024, max_pos) if context is None else int(context)
+    ctx = min(1024, max_pos) if context is None else context
     vocab = tok.get_vocab()
     sep = vocab.get("<|endoftext|>")
     if sep is None:
@@ -133,7 +150,9 @@ def _hf_judge(name: str, model, tok, context: int | None, device) -> Judge:
     def logits_fn(ids: Tensor) -> Tensor:
         return model(input_ids=ids).logits
 
-    return Judge(name, logits_fn, tok, ctx, int(sep), frozenset(int(t) for t in skip), torch.device(device))
+    judge = Judge(name, logits_fn, tok, 2, int(sep), frozenset(int(t) for t in skip), torch.device(device), max_pos)
+    judge.context = check_context(judge, ctx)
+    return judge
 
 
 def _bd3lm_judge(path: str, context: int | None, device) -> Judge:
@@ -143,7 +162,7 @@ def _bd3lm_judge(path: str, context: int | None, device) -> Judge:
     if not model.config.causal:
         raise ValueError(f"judge checkpoint {path!r} is not autoregressive (config.causal is false)")
     mask = model.config.mask_index
-    ctx = model.config.model_length if context is None else min(int(context), model.config.model_length)
+    length = model.config.model_length
     sep = tok.eos_token_id if tok.eos_token_id is not None else tok.bos_token_id
     skip = {t for t in (tok.eos_token_id, tok.bos_token_id, tok.pad_token_id) if t is not None}
 
@@ -153,7 +172,10 @@ def _bd3lm_judge(path: str, context: int | None, device) -> Judge:
         out[..., mask] = float("-inf")  # SUBS: the mask token is never a prediction
         return out
 
-    return Judge(f"bd3lm:{path}", logits_fn, tok, ctx, int(sep), frozenset(int(t) for t in skip), torch.device(device))
+    judge = Judge(f"bd3lm:{path}", logits_fn, tok, 2, int(sep), frozenset(int(t) for t in skip), torch.device(device),
+                  length)
+    judge.context = check_context(judge, length if context is None else context)
+    return judge
 
 
 @functools.lru_cache(maxsize=4)

@@ -7,6 +7,11 @@ data's and the Monte-Carlo variance), a 95% interval ``nll ± 1.96 se``, and the
 ``ppl ≤ exp(nll)``. Where the bound is exact (AR models; BD3-LM at block size 1, see
 :func:`bd3lm.objectives.exact_nll`) one forward gives the exact NLL and ``K`` is irrelevant.
 
+The interval is a normal approximation. Over the full range the 1/t weight (log-linear schedule) makes the
+per-block estimate heavy-tailed — a token masked at a tiny t has weight 1/t, and the variance integral
+∫ t · t^-2 dt diverges at 0 — so rare draws can move the mean more than the interval suggests; the official range
+[1e-3, 1] bounds the weight at 1000. Stratifying t over each sequence's (draw, block) cells keeps such draws rare.
+
 Protocols (:data:`PROTOCOLS`):
 
 - ``full`` (default): t over the whole range [0, 1]; position 0 counted unless the model was trained with

@@ -1,6 +1,6 @@
 """Long documents: quality and speed of samples longer than the training context.
 
-For each length factor ``f`` (1, 4, 10: samples of ``f x model_length`` new tokens) and each window mode
+For each length factor ``f`` (1, 4, 10: samples of ``f x model_length`` tokens, BOS included) and each window mode
 (``exact``: the window is re-encoded whenever it slides, so logits equal a from-scratch recomputation;
 ``streaming``: stale keys/values are kept, never re-encoded), generate samples and judge the **last**
 ``model_length`` generated tokens (their gen-PPL and unigram entropy), and measure generated tokens/s. A model
@@ -49,7 +49,8 @@ def long_documents(
     rows = []
     for f in factors:
         for mode in modes:
-            res = generate(model, prompt, max_new_tokens=f * length, num_samples=num_samples, seed=seed,
+            n_new = f * length - (0 if prompt is None else len(prompt))  # prompt + new = f contexts exactly
+            res = generate(model, prompt, max_new_tokens=n_new, num_samples=num_samples, seed=seed,
                            streaming=mode == "streaming", **generate_kwargs)
             ppls, ents = [], []
             for j, seq in enumerate(res.sequences):
@@ -63,7 +64,7 @@ def long_documents(
             rows.append({
                 "factor": f,
                 "mode": mode,
-                "new_tokens": f * length,
+                "new_tokens": n_new,
                 "gen_ppl_last": statistics.fmean(ppls) if ppls else math.nan,
                 "gen_ppl_last_se": statistics.stdev(ppls) / math.sqrt(len(ppls)) if len(ppls) > 1 else math.nan,
                 "entropy_last": statistics.fmean(ents) if ents else math.nan,

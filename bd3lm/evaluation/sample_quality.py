@@ -62,8 +62,12 @@ def to_judge_ids(model_ids: Sequence[int], tokenizer, judge: Judge) -> list[int]
     return out
 
 
-def score_ids(judge: Judge, ids: Sequence[int], context: int | None = None, stride: int | None = None) -> TextScore:
+def score_ids(judge: Judge, ids: Sequence[int], context: int | None = None, stride: int | None = None,
+              skip_first: int = 0) -> TextScore:
+    """Judge score of judge-token ``ids``; the first ``skip_first`` positions are context only (not counted)."""
     nll, counted = sliding_window_nll(judge, ids, context=context, stride=stride)
+    counted[:skip_first] = False
+    nll[:skip_first] = 0.0
     n = int(counted.sum())
     total = float(nll.sum())
     targets = [int(t) for t, c in zip(ids, counted.tolist(), strict=True) if c]
@@ -87,7 +91,7 @@ class SampleQuality:
     entropy: float
     nfe_per_sample: float
     nfe: int
-    tokens_per_forward: float
+    tokens_per_forward: float  # mean over samples of new tokens / the network calls that sample took part in
     tokens_per_s: float
     length_mean: float
     length_median: float
@@ -123,7 +127,8 @@ def sample_quality(
     """Generate and judge ``num_samples`` samples of ``max_new_tokens`` tokens (default: the rest of one context,
     ``model_length`` minus the prompt, so that every model — MDLM included — samples exactly one window).
 
-    ``prompt``: text after the BOS token (default: unconditional, BOS only); the prompt is not scored.
+    ``prompt``: text after the BOS token (default: unconditional, BOS only); the judge reads the prompt as context
+    but scores only the continuation (from the judge token where the prompt's own encoding ends).
     ``stop_at_eos``: stop a sample at EOS (fixed length otherwise, as in the paper's gen-PPL tables).
     Other keyword arguments go to :func:`bd3lm.generate` (sampler, steps, threshold, top_p, top_p_rule, ...).
     """
@@ -138,6 +143,8 @@ def sample_quality(
     )
     n_new = max(1, model.config.model_length - len(prompt_ids)) if max_new_tokens is None else max_new_tokens
     stop = tokenizer.eos_token_id if stop_at_eos else None
+    body = prompt_ids[1:] if bos is not None else prompt_ids
+    n_context = len(to_judge_ids(body, tokenizer, judge)) if body else 0
     samples: list[dict] = []
     nfe = 0
     seconds = 0.0
@@ -150,8 +157,8 @@ def sample_quality(
         for j, seq in enumerate(res.sequences):
             k = res.num_new_tokens[j]
             new = seq[len(seq) - k :].tolist()
-            jids = to_judge_ids(new, tokenizer, judge)
-            sc = score_ids(judge, jids, context, stride)
+            jids = to_judge_ids(body + new, tokenizer, judge)
+            sc = score_ids(judge, jids, context, stride, skip_first=n_context)
             samples.append({"ppl": sc.ppl, "nll": sc.nll, "judge_tokens": sc.tokens, "entropy": sc.entropy,
                             "new_tokens": k, "nfe": res.nfe_per_sequence[j], "stop_reason": res.stop_reasons[j],
                             "text": tokenizer.decode(new, skip_special_tokens=False), "token_ids": new})
@@ -167,7 +174,7 @@ def sample_quality(
         entropy=statistics.fmean(s["entropy"] for s in scored) if scored else float("nan"),
         nfe_per_sample=statistics.fmean(s["nfe"] for s in samples),
         nfe=nfe,
-        tokens_per_forward=total_tokens / max(nfe, 1),
+        tokens_per_forward=statistics.fmean(s["new_tokens"] / max(s["nfe"], 1) for s in samples),
         tokens_per_s=total_tokens / seconds if seconds > 0 else float("nan"),
         length_mean=statistics.fmean(lengths),
         length_median=float(statistics.median(lengths)),
