@@ -58,7 +58,17 @@ def _shape(experiment: str, overrides: tuple[str, ...]) -> tuple[int, int]:
         import train
     finally:
         sys.path.remove(str(ROOT))
-    tc = train.compose_config([f"experiment={experiment}", *overrides])
+    from hydra.core.global_hydra import GlobalHydra
+
+    gh = GlobalHydra.instance()  # inside @hydra.main: set the CLI's Hydra aside while composing train.yaml
+    saved = gh.hydra if gh.is_initialized() else None
+    gh.clear()
+    try:
+        tc = train.compose_config([f"experiment={experiment}", *overrides])
+    finally:
+        gh.clear()
+        if saved is not None:
+            gh.initialize(saved)
     length = int(tc.model.length)
     return length, int(tc.data.batch_size) * int(tc.trainer.accumulate_grad_batches) * int(tc.trainer.devices) * length
 
@@ -170,7 +180,7 @@ def evaluate_model(cfg: DictConfig, m: SweepModel, hf: Path, judge) -> dict:
     q = sample_quality(model, tok, judge, num_samples=int(g.num_samples), batch_size=int(g.batch_size),
                        top_p=float(g.top_p), top_p_rule=str(g.top_p_rule), seed=int(cfg.seed))
     # one context per sample: BOS + (model_length - 1) new tokens, so MDLM denoises exactly one window too
-    sp = speed(model, batch_size=1, new_tokens=model.config.model_length - 1, repeats=int(cfg.speed.repeats),
+    sp = speed(model, batch_size=1, new_tokens=model.config.model_length - 1, repeats=int(cfg.speed.repeats), warmup=2,
                bos_token_id=tok.bos_token_id, sampler="first_hitting")
     own = int(info.get("tokens", steps_of(cfg, m) * train_shape(cfg)[1]))
     parent_tokens = 0

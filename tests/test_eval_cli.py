@@ -168,6 +168,11 @@ def test_sweep_plan_and_resume(tmp_path, monkeypatch):
         sweep.plan(sweep_cfg(tmp_path, block_sizes=[3]))
 
 
+def test_sweep_cli_plans_inside_hydra_and_rejects_a_bad_stage(tmp_path):
+    line = one_error_line(run("sweep", "stage=bogus", f"out_dir={tmp_path / 'runs'}"))
+    assert "stage must be all, train or eval; got 'bogus'" in line
+
+
 def test_sweep_table_and_pareto_plot(tmp_path):
     from eval import sweep
 
