@@ -191,8 +191,9 @@ def load_judge(spec: str = "smollm2", *, context: int | None = None, device: str
         path = _smollm2_file() if spec == "smollm2" else Path(os.path.expanduser(spec))
         if not path.is_file():
             raise FileNotFoundError(f"judge GGUF file {str(path)!r} does not exist")
-        if importlib.util.find_spec("gguf") is None:
-            raise ImportError(f"loading a GGUF judge needs the 'gguf' package: {INSTALL_HINT}")
+        for package in ("gguf", "accelerate"):  # transformers' GGUF reader needs both
+            if importlib.util.find_spec(package) is None:
+                raise ImportError(f"loading a GGUF judge needs the '{package}' package: {INSTALL_HINT}")
         quiet = os.environ.get("TQDM_DISABLE")
         os.environ["TQDM_DISABLE"] = "1"  # the GGUF reader's de-quantisation progress bar
         try:
