@@ -83,11 +83,11 @@ class LikelihoodResult:
         else:
             head = f"PPL ≤ {self.ppl:.2f} (95% CI [{self.ppl_ci95[0]:.2f}, {self.ppl_ci95[1]:.2f}])"
         what = "NLL" if self.exact else "NELBO"
+        t = "no t integral (exact)" if self.exact else f"t in [{self.t_range[0]:g}, {self.t_range[1]:g}]"
         return (
             f"{head}; {what} {self.nll:.4f} ± {self.se:.4f} nats/token over {self.n_sequences} sequences x "
-            f"{self.tokens_per_sequence} tokens; protocol {self.protocol}: t in [{self.t_range[0]:g}, "
-            f"{self.t_range[1]:g}], position 0 {'excluded' if self.ignore_first else 'counted'}, "
-            f"K = {self.num_samples}"
+            f"{self.tokens_per_sequence} tokens; protocol {self.protocol}: {t}, position 0 "
+            f"{'excluded' if self.ignore_first else 'counted'}, K = {self.num_samples}"
         )
 
 
