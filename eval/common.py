@@ -56,6 +56,14 @@ def write_json(path: str | os.PathLike, obj) -> Path:
     return write_text(path, json.dumps(_finite(obj), indent=2, allow_nan=False, default=str) + "\n")
 
 
+def write_report(stem: str | os.PathLike | None, payload: dict, markdown: str) -> None:
+    """Print ``markdown``; with a ``stem``, also write ``STEM.json`` (``payload``) and ``STEM.md``."""
+    print(markdown)
+    if stem:
+        write_json(f"{stem}.json", payload)
+        write_text(f"{stem}.md", markdown)
+
+
 def checkpoint_of(cfg) -> Path:
     """``cfg.checkpoint`` as an existing directory (checked before any slow import), else a :class:`CLIError`."""
     if cfg.checkpoint is None:
@@ -66,12 +74,16 @@ def checkpoint_of(cfg) -> Path:
     return path
 
 
+def check_int(value: object, name: str, minimum: int = 1) -> int:
+    """``value`` if it is an integer >= ``minimum`` (bools rejected), else a :class:`CLIError` naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise CLIError(f"{name} must be an integer >= {minimum}; got {value!r}")
+    return value
+
+
 def positive_int(cfg, key: str) -> int:
     """``cfg[key]`` as an integer >= 1, else a :class:`CLIError` naming the key and the value."""
-    value = cfg[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise CLIError(f"{key} must be an integer >= 1; got {value!r}")
-    return value
+    return check_int(cfg[key], key)
 
 
 def set_threads(cfg) -> None:

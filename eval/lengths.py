@@ -13,7 +13,7 @@ import os
 import hydra
 from omegaconf import DictConfig
 
-from eval.common import checkpoint_of, cli_main, positive_int, set_threads, write_json, write_text
+from eval.common import checkpoint_of, cli_main, positive_int, set_threads, write_report
 
 
 def markdown(st: dict, title: str) -> str:
@@ -27,11 +27,7 @@ def markdown(st: dict, title: str) -> str:
 
 
 def report(st: dict, stem: str | os.PathLike | None, title: str) -> None:
-    text = markdown(st, title)
-    print(text)
-    if stem:
-        write_json(f"{stem}.json", {"title": title, **st})
-        write_text(f"{stem}.md", text)
+    write_report(stem, {"title": title, **st}, markdown(st, title))
 
 
 def run_lengths(cfg: DictConfig) -> dict:

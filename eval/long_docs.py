@@ -13,7 +13,7 @@ import os
 import hydra
 from omegaconf import DictConfig
 
-from eval.common import checkpoint_of, cli_main, positive_int, set_threads, write_json, write_text
+from eval.common import checkpoint_of, cli_main, positive_int, set_threads, write_report
 
 
 def markdown(rows: list[dict], title: str) -> str:
@@ -26,11 +26,7 @@ def markdown(rows: list[dict], title: str) -> str:
 
 
 def report(rows: list[dict], stem: str | os.PathLike | None, title: str) -> None:
-    text = markdown(rows, title)
-    print(text)
-    if stem:
-        write_json(f"{stem}.json", {"title": title, "rows": rows})
-        write_text(f"{stem}.md", text)
+    write_report(stem, {"title": title, "rows": rows}, markdown(rows, title))
 
 
 def run_long_docs(cfg: DictConfig) -> list[dict]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from eval.common import CLIError, checkpoint_of, cli_main, log, set_threads, write_json
+from eval.common import CLIError, check_int, checkpoint_of, cli_main, log, set_threads, write_json
 
 
 def run_ppl(cfg: DictConfig) -> dict:
@@ -23,9 +23,7 @@ def run_ppl(cfg: DictConfig) -> dict:
     ckpt = checkpoint_of(cfg)
     if str(cfg.protocol) not in PROTOCOLS:
         raise CLIError(f"protocol must be one of {', '.join(PROTOCOLS)}; got {cfg.protocol!r}")
-    k = cfg.num_samples
-    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-        raise CLIError(f"num_samples (K) must be an integer >= 1; got {k!r}")
+    k = cfg.num_samples if cfg.num_samples is None else check_int(cfg.num_samples, "num_samples (K)")
     from bd3lm.evaluation import chunks_from_file, likelihood, load_checkpoint, validation_chunks
 
     set_threads(cfg)

@@ -30,22 +30,16 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, ListConfig
 
-from eval.common import CLIError, cli_main, log, write_json
+from eval.common import CLIError, check_int, cli_main, log, write_json
 
 CACHE_VALUES = {True: True, False: False, "on": True, "off": False, "true": True, "false": False}
-
-
-def _int(value: object, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise CLIError(f"{name} must be an integer >= {minimum}; got {value!r}")
-    return value
 
 
 def _int_list(value: object, name: str) -> list[int]:
     items = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
     if not items:
         raise CLIError(f"{name} is empty; give at least one value, e.g. {name}=[1]")
-    return [_int(v, f"every value of {name}") for v in items]
+    return [check_int(v, f"every value of {name}") for v in items]
 
 
 def _caches(value: object) -> list[bool]:
@@ -68,22 +62,22 @@ def check_config(cfg: DictConfig) -> dict[str, Any]:
         raise CLIError(f"checkpoint directory {ckpt!r} does not exist")
     s: dict[str, Any] = {
         "checkpoint": ckpt,
-        "new_tokens": _int(cfg.new_tokens, "new_tokens"),
-        "off_tokens": _int(cfg.off_tokens, "off_tokens"),
+        "new_tokens": check_int(cfg.new_tokens, "new_tokens"),
+        "off_tokens": check_int(cfg.off_tokens, "off_tokens"),
         "block_sizes": _int_list(cfg.block_sizes, "block_sizes"),
         "batches": _int_list(cfg.batches, "batches"),
         "cache": _caches(cfg.cache),
         "ar": cfg.ar,
         "threshold": cfg.threshold,
-        "length": _int(cfg.length, "length"),
-        "dim": _int(cfg.dim, "dim"),
-        "layers": _int(cfg.layers, "layers"),
-        "heads": _int(cfg.heads, "heads"),
-        "vocab": _int(cfg.vocab, "vocab", 2),
-        "threads": None if cfg.threads is None else _int(cfg.threads, "threads"),
+        "length": check_int(cfg.length, "length"),
+        "dim": check_int(cfg.dim, "dim"),
+        "layers": check_int(cfg.layers, "layers"),
+        "heads": check_int(cfg.heads, "heads"),
+        "vocab": check_int(cfg.vocab, "vocab", 2),
+        "threads": None if cfg.threads is None else check_int(cfg.threads, "threads"),
         "device": str(cfg.device),
-        "repeats": _int(cfg.repeats, "repeats"),
-        "prompt_length": _int(cfg.prompt_length, "prompt_length", 0),
+        "repeats": check_int(cfg.repeats, "repeats"),
+        "prompt_length": check_int(cfg.prompt_length, "prompt_length", 0),
         "output": None if cfg.output is None else str(cfg.output),
     }
     if not isinstance(s["ar"], bool):

@@ -28,18 +28,12 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, ListConfig
 
-from eval.common import ROOT, CLIError, cli_main, log, write_json
+from eval.common import ROOT, CLIError, check_int, cli_main, log, write_json
 
 VARIANTS = ["bd3lm", "bd3lm-official-like", "mdlm", "ar"]
 PRECISIONS = ["fp32", "bf16"]
 #: The keys a child process needs (besides ``variant`` and ``precision``).
 SIZE_KEYS = ("length", "block_size", "layers", "dim", "vocab", "batch", "steps", "warmup", "threads")
-
-
-def _int(value: object, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise CLIError(f"{name} must be an integer >= {minimum}; got {value!r}")
-    return value
 
 
 def _names(value: object, name: str, allowed: list[str]) -> list[str]:
@@ -54,7 +48,7 @@ def _names(value: object, name: str, allowed: list[str]) -> list[str]:
 
 def check_config(cfg: DictConfig) -> dict[str, Any]:
     """The validated settings (plain Python values); raises :class:`CLIError` on bad input."""
-    s: dict[str, Any] = {k: _int(cfg[k], k, 0 if k == "warmup" else 1) for k in SIZE_KEYS}
+    s: dict[str, Any] = {k: check_int(cfg[k], k, 0 if k == "warmup" else 1) for k in SIZE_KEYS}
     if s["length"] % s["block_size"]:
         raise CLIError(f"block_size {s['block_size']} must divide length {s['length']}")
     if s["dim"] % 64:

@@ -12,6 +12,8 @@ from collections import Counter
 
 import torch
 
+from bd3lm.evaluation.checks import check_int
+
 __all__ = ["length_statistics"]
 
 
@@ -29,8 +31,8 @@ def length_statistics(
     """Lengths (generated tokens, EOS included) and stop reasons of ``num_samples`` EOS-stopped samples."""
     from bd3lm.sampling import generate
 
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be an integer >= 1; got {num_samples!r}")
+    check_int(num_samples, "num_samples")
+    check_int(batch_size, "batch_size")
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token: variable-length generation stops at EOS")
     cap = 10 * model.config.model_length if max_new_tokens is None else max_new_tokens

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
+from bd3lm.evaluation.checks import check_int
 from bd3lm.objectives import has_exact_nll, nelbo
 
 __all__ = ["PROTOCOLS", "LikelihoodResult", "Protocol", "likelihood"]
@@ -134,10 +135,8 @@ def likelihood(
             raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}; got {protocol!r}")
         protocol = PROTOCOLS[protocol]
     k = protocol.num_samples if num_samples is None else num_samples
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"num_samples (K) must be an integer >= 1; got {k!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}")
+    check_int(k, "num_samples (K)")
+    check_int(batch_size, "batch_size")
     if max_sequences is not None and (not isinstance(max_sequences, int) or max_sequences < 1):
         raise ValueError(f"max_sequences must be an integer >= 1 or None; got {max_sequences!r}")
     chunks = _check_chunks(model, chunks)

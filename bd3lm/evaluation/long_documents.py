@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
+from bd3lm.evaluation.checks import check_int
 from bd3lm.evaluation.judge import Judge
 from bd3lm.evaluation.sample_quality import score_ids, to_judge_ids
 
@@ -41,8 +42,8 @@ def long_documents(
         if m not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {m!r}")
     for f in factors:
-        if isinstance(f, bool) or not isinstance(f, int) or f < 1:
-            raise ValueError(f"length factors must be integers >= 1; got {f!r}")
+        check_int(f, "every length factor")
+    check_int(num_samples, "num_samples")
     length = model.config.model_length
     bos = tokenizer.bos_token_id
     prompt = None if bos is None else torch.tensor([bos])

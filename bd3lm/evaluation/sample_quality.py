@@ -21,17 +21,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from bd3lm.evaluation.checks import check_int
 from bd3lm.evaluation.judge import Judge, sliding_window_nll
+from bd3lm.sampling.engine import unigram_entropy
 
 __all__ = ["SampleQuality", "TextScore", "sample_quality", "score_texts", "to_judge_ids", "unigram_entropy"]
-
-
-def unigram_entropy(ids: Sequence[int]) -> float:
-    """Entropy (nats) of the empirical unigram distribution of ``ids`` (0 for an empty sequence)."""
-    n = len(ids)
-    if n == 0:
-        return 0.0
-    return -sum(c / n * math.log(c / n) for c in Counter(ids).values())
 
 
 @dataclass
@@ -134,9 +128,8 @@ def sample_quality(
     """
     from bd3lm.sampling import generate
 
-    for name, v in (("num_samples", num_samples), ("batch_size", batch_size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be an integer >= 1; got {v!r}")
+    check_int(num_samples, "num_samples")
+    check_int(batch_size, "batch_size")
     bos = tokenizer.bos_token_id
     prompt_ids = ([bos] if bos is not None else []) + (
         list(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else []

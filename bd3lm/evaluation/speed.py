@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from bd3lm.evaluation.checks import check_int
+
 __all__ = ["BF16_CPU_FLAGS", "SpeedResult", "environment", "speed"]
 
 #: ``/proc/cpuinfo`` flags that matter for bfloat16 speed on CPU (AVX-512 BF16 and the AMX tile unit).
@@ -54,12 +56,6 @@ class SpeedResult:
     repeats: int
     kv_cache: bool
     settings: dict[str, Any] = field(default_factory=dict)
-
-
-def _check_int(value: object, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
-    return value
 
 
 def _jsonable(value: object) -> object:
@@ -114,12 +110,12 @@ def speed(
 
     cfg = model.config
     new_tokens = int(cfg.model_length) if new_tokens is None else new_tokens
-    _check_int(batch_size, "batch_size", 1)
-    _check_int(new_tokens, "new_tokens", 1)
-    _check_int(prompt_length, "prompt_length", 0)
-    _check_int(repeats, "repeats", 1)
-    _check_int(warmup, "warmup", 0)
-    _check_int(seed, "seed", 0)
+    check_int(batch_size, "batch_size", 1)
+    check_int(new_tokens, "new_tokens", 1)
+    check_int(prompt_length, "prompt_length", 0)
+    check_int(repeats, "repeats", 1)
+    check_int(warmup, "warmup", 0)
+    check_int(seed, "seed", 0)
     for key in ("input_ids", "max_new_tokens", "num_samples", "bos_token_id"):
         if key in generate_kwargs:
             raise ValueError(f"{key} is set by speed() itself; pass batch_size/new_tokens/prompt_length instead")
@@ -127,7 +123,7 @@ def speed(
     if bos_token_id is None:
         token = 0 if mask != 0 else 1
     else:
-        token = _check_int(bos_token_id, "bos_token_id", 0)
+        token = check_int(bos_token_id, "bos_token_id", 0)
         if token == mask or token >= int(cfg.vocab_size):
             raise ValueError(
                 f"bos_token_id must be a token id in [0, {cfg.vocab_size}) other than the mask {mask}; got {token}"

@@ -49,7 +49,7 @@ from bd3lm.sampling.layout import column_layout, window_start
 from bd3lm.sampling.processing import TokenSampler, check_sampling_args
 from bd3lm.sampling.rules import BlockRule, make_rule
 
-__all__ = ["ENTROPY_WINDOW", "GenerationResult", "generate"]
+__all__ = ["ENTROPY_WINDOW", "GenerationResult", "generate", "unigram_entropy"]
 
 #: The entropy stop looks at the unigram entropy of this many most recent generated tokens (official value).
 ENTROPY_WINDOW = 256
@@ -302,7 +302,7 @@ class _Engine:
             if self.stop_entropy is not None and not reason:
                 tail = self.tails[sid]
                 tail.extend(new.tolist())
-                if len(tail) == ENTROPY_WINDOW and _unigram_entropy(tail) < self.stop_entropy:
+                if len(tail) == ENTROPY_WINDOW and unigram_entropy(tail) < self.stop_entropy:
                     reason = "entropy"
             if self.on_block is not None and new.numel():
                 self.on_block(sid, new)
@@ -411,9 +411,12 @@ class _Engine:
                 self.block_step()
 
 
-def _unigram_entropy(tokens: Sequence[int]) -> float:
-    """Entropy in nats of the empirical unigram distribution of ``tokens``."""
+def unigram_entropy(tokens: Sequence[int]) -> float:
+    """Entropy in nats of the empirical unigram distribution of ``tokens`` (0 for none); the entropy stop's
+    statistic, and the entropy that sample-quality evaluation reports."""
     n = len(tokens)
+    if n == 0:
+        return 0.0
     return -sum(c / n * math.log(c / n) for c in Counter(tokens).values())
 
 
