@@ -5,6 +5,11 @@ Sampling writes the keys/values of the block being denoised into the slots after
 block writes its keys/values again and :meth:`KVCache.commit` advances the prefix. This mirrors the x_0 stream
 of training, where each block is encoded clean before later blocks read it (Arriola et al. 2025, §3.2).
 Keys are stored after rotary, so no position is ever rotated twice.
+
+The buffers are allocated once, on the first write, in the dtype of the keys the model computes (bf16 under
+autocast, the parameters' dtype otherwise), so no write or read converts them. A cache lives for one generation,
+during which the weights do not change: :attr:`KVCache.constants` holds what depends on the weights only (the
+adaLN modulations of a model run without a time input).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ class KVCache:
         n_heads: attention heads.
         head_dim: size of one head.
         capacity: the most positions the cache holds (the attention window).
-        dtype: storage dtype (follows the model).
+        dtype: storage dtype; ``None`` = the dtype of the first keys written (the compute dtype).
         device: storage device.
     """
 
@@ -33,24 +38,39 @@ class KVCache:
         n_heads: int,
         head_dim: int,
         capacity: int,
-        dtype: torch.dtype,
+        dtype: torch.dtype | None,
         device: torch.device | str,
     ):
-        shape = (n_layers, batch_size, n_heads, capacity, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.shape = (n_layers, batch_size, n_heads, capacity, head_dim)
+        self.device = torch.device(device)
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+        if dtype is not None:
+            self._allocate(dtype)
         self.capacity = capacity
         self.length = 0  # committed positions
         self.pending = 0  # positions written after ``length`` by the last forward
+        self.constants: dict[str, object] = {}
+
+    def _allocate(self, dtype: torch.dtype) -> None:
+        self.k = torch.zeros(self.shape, dtype=dtype, device=self.device)
+        self.v = torch.zeros(self.shape, dtype=dtype, device=self.device)
 
     @property
     def batch_size(self) -> int:
-        return self.k.shape[1]
+        return self.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """Storage dtype (``None`` until the first write of a lazily allocated cache)."""
+        return None if self.k is None else self.k.dtype
 
     def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write new keys/values (B, H, m, D) after the committed prefix; return prefix + new, (B, H, length+m, D)."""
         m = k.shape[2]
         end = self.length + m
+        if self.k is None:
+            self._allocate(k.dtype)
         if end > self.capacity:
             raise ValueError(
                 f"KV cache overflow: {self.length} cached + {m} new positions exceed the capacity {self.capacity}"
@@ -77,18 +97,24 @@ class KVCache:
         if not 0 <= m <= self.length:
             raise ValueError(f"cannot drop {m} positions from a cache holding {self.length}")
         keep = self.length - m
+        if self.k is None or m == 0:
+            self.length, self.pending = keep, 0
+            return
         self.k[:, :, :, :keep] = self.k[:, :, :, m : self.length].clone()
         self.v[:, :, :, :keep] = self.v[:, :, :, m : self.length].clone()
         self.length, self.pending = keep, 0
 
     def select(self, rows: Tensor) -> None:
         """Keep only the sequences ``rows`` (finished sequences stop costing compute)."""
-        self.k = self.k[:, rows]
-        self.v = self.v[:, rows]
+        self.shape = (self.shape[0], int(rows.numel()), *self.shape[2:])
+        if self.k is not None:
+            self.k = self.k[:, rows]
+            self.v = self.v[:, rows]
 
     def reset(self) -> None:
         """Forget every position."""
         self.length, self.pending = 0, 0
 
     def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
+        """Bytes held by the key and value buffers (0 before a lazily allocated cache is written)."""
+        return 0 if self.k is None else self.k.numel() * self.k.element_size() * 2

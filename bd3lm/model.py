@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -117,10 +118,30 @@ class LayerNorm(nn.Module):
         self.dim = dim
 
     def forward(self, x: Tensor) -> Tensor:
-        autocast = torch.is_autocast_enabled(x.device.type)
+        if not torch.is_autocast_enabled(x.device.type):  # no autocast to leave (the context costs per call)
+            return (F.layer_norm(x.float(), (self.dim,)) * self.weight.float()).to(self.weight.dtype)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            out = F.layer_norm(x.float(), (self.dim,)) * self.weight.float()
-        return out if autocast else out.to(self.weight.dtype)
+            return F.layer_norm(x.float(), (self.dim,)) * self.weight.float()
+
+
+def affine_norm(x: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """:class:`LayerNorm` with a float32 ``weight`` and ``bias`` (the folded adaLN modulation), same dtypes."""
+    if not torch.is_autocast_enabled(x.device.type):
+        return F.layer_norm(x.float(), (x.shape[-1],), weight, bias).to(dtype)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return F.layer_norm(x.float(), (x.shape[-1],), weight, bias)
+
+
+class Folded(NamedTuple):
+    """A transformer block's affine maps with a constant conditioning folded in (see :meth:`DDiTBlock.fold`)."""
+
+    ln1_w: Tensor
+    ln1_b: Tensor | None
+    out_w: Tensor
+    ln2_w: Tensor
+    ln2_b: Tensor | None
+    fc2_w: Tensor
+    fc2_b: Tensor
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -208,17 +229,29 @@ class DDiTBlock(nn.Module):
         rotary: tuple[Tensor, Tensor],
         mask,
         backend: str,
-        n_keep: int | None = None,
+        n_keep: int | Tensor | None = None,
         cache: KVCache | None = None,
         layer: int = 0,
     ) -> Tensor:
-        b, n, d = x.shape
         if self.adaln:
-            mods = self.adaLN_modulation(c)[:, None, :].chunk(6, dim=-1)
+            mods = self.modulations(c)
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
             h = modulate(self.norm1(x), shift_msa, scale_msa)
         else:
             h = self.norm1(x)
+        x, a = self._attend(x, h, rotary, mask, backend, n_keep, cache, layer)
+        a = self.dropout(self.attn_out(a))
+        if self.adaln:
+            x = x + gate_msa * a
+            m = self.dropout(self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
+            return x + gate_mlp * m
+        x = x + a
+        return x + self.dropout(self.mlp(self.norm2(x)))
+
+    def _attend(self, x, h, rotary, mask, backend, n_keep, cache, layer) -> tuple[Tensor, Tensor]:
+        """Multi-head attention of the normalised input ``h`` (rotary on q and k); returns the residual stream
+        (restricted to the kept queries) and the heads' concatenated output before the output projection."""
+        b, n, d = h.shape
         qkv = self.attn_qkv(h).view(b, n, 3, self.n_heads, d // self.n_heads)
         cos, sin = rotary
         q = apply_rotary(qkv[:, :, 0], cos, sin)
@@ -227,16 +260,43 @@ class DDiTBlock(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, N, D)
         if cache is not None:
             k, v = cache.write(layer, k, v)
-        if n_keep is not None and n_keep < n:  # the clean half's outputs are not needed after the last layer
+        if isinstance(n_keep, Tensor):  # cached last layer: only the queries whose logits are asked for
+            q = q.gather(2, n_keep[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
+            x = x.gather(1, n_keep[:, :, None].expand(-1, -1, d))
+            if isinstance(mask, Tensor):
+                mask = mask.expand(b, -1, -1, -1).gather(2, n_keep[:, None, :, None].expand(-1, 1, -1, mask.shape[3]))
+        elif n_keep is not None and n_keep < n:  # the clean half's outputs are not needed after the last layer
             q, x = q[:, :, :n_keep], x[:, :n_keep]
-        a = attention(q, k, v, mask, backend).transpose(1, 2).reshape(b, q.shape[2], d)
-        a = self.dropout(self.attn_out(a))
-        if self.adaln:
-            x = x + gate_msa * a
-            m = self.dropout(self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
-            return x + gate_mlp * m
-        x = x + a
-        return x + self.dropout(self.mlp(self.norm2(x)))
+        return x, attention(q, k, v, mask, backend).transpose(1, 2).reshape(b, q.shape[2], d)
+
+    def modulations(self, c: Tensor) -> tuple[Tensor, ...]:
+        """The six adaLN vectors (shift, scale, gate for attention and MLP), each (B or 1, 1, d)."""
+        return self.adaLN_modulation(c)[:, None, :].chunk(6, dim=-1)
+
+    def fold(self, c: Tensor | None) -> Folded:
+        """This block with the constant conditioning ``c`` (one row) folded into its affine maps, for inference:
+        ``LN(x) w (1 + scale) + shift`` is a LayerNorm with weight ``w (1 + scale)`` and bias ``shift``, and
+        ``gate * (W a + b)`` is ``(gate ⊙ W) a + gate ⊙ b`` (Peebles & Xie 2023, adaLN-zero, §3.2)."""
+        w1, w2 = self.norm1.weight.float(), self.norm2.weight.float()
+        out_w, fc2 = self.attn_out.weight, self.mlp[2]
+        if not self.adaln:
+            return Folded(w1, None, out_w, w2, None, fc2.weight, fc2.bias)
+        shift1, scale1, gate1, shift2, scale2, gate2 = (m.reshape(-1).float() for m in self.modulations(c))
+        return Folded(
+            w1 * (1 + scale1), shift1, (out_w.float() * gate1[:, None]).to(out_w.dtype),
+            w2 * (1 + scale2), shift2, (fc2.weight.float() * gate2[:, None]).to(fc2.weight.dtype),
+            (fc2.bias.float() * gate2).to(fc2.bias.dtype),
+        )
+
+    def forward_folded(self, x: Tensor, f: Folded, rotary, mask, backend: str, cache: KVCache | None,
+                       layer: int, keep: Tensor | None = None) -> Tensor:
+        """:meth:`forward` in eval mode with the folded maps ``f`` (same function, fewer operations); ``keep``
+        (B, k): return only these positions (their keys/values are all written to ``cache`` first)."""
+        x, a = self._attend(x, affine_norm(x, f.ln1_w, f.ln1_b, self.norm1.weight.dtype), rotary, mask, backend,
+                            keep, cache, layer)
+        x = x + F.linear(a, f.out_w)
+        h = self.mlp[1](self.mlp[0](affine_norm(x, f.ln2_w, f.ln2_b, self.norm2.weight.dtype)))
+        return x + F.linear(h, f.fc2_w, f.fc2_b)
 
 
 class DDitFinalLayer(nn.Module):
@@ -254,14 +314,26 @@ class DDitFinalLayer(nn.Module):
             nn.init.zeros_(self.adaLN_modulation.weight)
             nn.init.zeros_(self.adaLN_modulation.bias)
 
-    def forward(self, x: Tensor, c: Tensor | None) -> Tensor:
-        """x (B, N, d) with c (B or 1, cond), or gathered rows x (M, d) with c (M or 1, cond)."""
+    def forward(self, x: Tensor, c: Tensor | None, folded: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
+        """x (B, N, d) with c (B or 1, cond), or gathered rows x (M, d) with c (M or 1, cond); ``folded`` = the
+        output of :meth:`fold` for a constant ``c``."""
+        if folded is not None:
+            return self.linear(affine_norm(x, *folded, self.norm_final.weight.dtype))
         h = self.norm_final(x)
         if self.adaln:
             mod = self.adaLN_modulation(c)
             shift, scale = (mod[:, None, :] if x.dim() == 3 else mod).chunk(2, dim=-1)
             h = modulate(h, shift, scale)
         return self.linear(h)
+
+    def fold(self, c: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """LayerNorm weight and bias with the constant conditioning ``c`` (one row) folded in (as
+        :meth:`DDiTBlock.fold`)."""
+        w = self.norm_final.weight.float()
+        if not self.adaln:
+            return w, None
+        shift, scale = self.adaLN_modulation(c).reshape(-1).float().chunk(2)
+        return w * (1 + scale), shift
 
 
 class DITBackbone(nn.Module):
@@ -378,6 +450,9 @@ class BD3LM(PreTrainedModel):
         logits_mask: Tensor | None = None,
         output_all: bool = False,
         output_hidden_states: bool = False,
+        logits_to_keep: int = 0,
+        logits_index: Tensor | None = None,
+        validate_ids: bool = True,
         **kwargs,
     ) -> BD3LMOutput:
         """Run the network; see the module docstring for the three modes.
@@ -387,22 +462,35 @@ class BD3LM(PreTrainedModel):
             timesteps: optional (B,) σ values; used only when ``config.time_conditioning``.
             two_stream: force (True) or forbid (False) the two-stream pass; ``None`` infers it from
                 ``N == 2 * model_length`` on cross-attention models.
-            kv_cache: cached mode; ``positions`` (B, N) rotary positions of the new tokens and
-                ``attention_mask`` (B, N_new, N_cache + N) boolean mask (True = attend) are then required.
+            kv_cache: cached mode; ``positions`` (B, N) rotary positions of the new tokens are then required, and
+                ``attention_mask`` is a (B, N_new, N_cache + N) boolean mask (True = attend) or ``None`` (every
+                query attends every cached and new key). In eval mode without a time input the conditioning is
+                constant, so it is folded into the blocks' affine maps once (:meth:`DDiTBlock.fold`) and kept in
+                ``kv_cache.constants``.
             positions: rotary positions for the plain pass (default ``0..N-1``).
             logits_mask: optional (B, N_out) boolean; the output head then runs only on the selected rows and
                 ``logits`` is (M, V) in row-major order (the masked-token loss needs no other row).
             output_all: two-stream pass only: also compute the clean half's outputs, logits (B, 2n, V), as the
                 official code does (for benchmarks and checks; training never needs them).
+            logits_to_keep: if > 0, run the output head on the last ``logits_to_keep`` positions only (the
+                Hugging Face convention); logits are then (B, logits_to_keep, V).
+            logits_index: optional (B, k) positions (per row) whose logits to return, (B, k, V). In the cached
+                mode both options also restrict the last layer's queries to those positions (the others' outputs
+                are never read; every position's keys/values are still cached).
+            validate_ids: check that every id lies in the vocabulary (a device sync); a caller that checked its
+                inputs once (the sampler) turns it off for its inner calls.
         """
-        self._check_ids(input_ids)
+        if validate_ids:
+            self._check_ids(input_ids)
+        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be an integer >= 0 (0 = all positions); got {logits_to_keep!r}")
         cfg = self.config
         bsz, n_in = input_ids.shape
         L = cfg.model_length
         if kv_cache is not None:
-            if positions is None or attention_mask is None:
-                raise ValueError("the cached forward needs positions (B, N) and attention_mask (B, N, N_keys)")
-            mask = attention_mask[:, None]
+            if positions is None:
+                raise ValueError("the cached forward needs positions (B, N) of the new tokens")
+            mask = None if attention_mask is None else attention_mask[:, None]
             n_keep, backend = None, "sdpa" if cfg.attn_backend != "reference" else "reference"
         else:
             if two_stream is None:
@@ -445,7 +533,19 @@ class BD3LM(PreTrainedModel):
 
         bb = self.backbone
         x = bb.vocab_embed(input_ids)
-        c = bb.conditioning(timesteps, bsz, input_ids.device, cfg.time_conditioning)
+        out_index = logits_index
+        if out_index is None and logits_to_keep > 0 and kv_cache is not None and logits_to_keep < n_in:
+            out_index = torch.arange(n_in - logits_to_keep, n_in, device=input_ids.device).expand(bsz, -1)
+        folded: list | None = None
+        if kv_cache is not None and not self.training and (timesteps is None or not cfg.time_conditioning):
+            folded = kv_cache.constants.get("folded")  # type: ignore[assignment]
+            if folded is None:
+                c = bb.conditioning(None, 1, input_ids.device, cfg.time_conditioning)
+                folded = [blk.fold(c) for blk in bb.blocks] + [bb.output_layer.fold(c)]
+                kv_cache.constants["folded"] = folded
+            c = None
+        else:
+            c = bb.conditioning(timesteps, bsz, input_ids.device, cfg.time_conditioning)
         rotary = bb.rotary_emb.cos_sin(positions)
         hidden = [x] if output_hidden_states else None
         last = len(bb.blocks) - 1
@@ -454,7 +554,12 @@ class BD3LM(PreTrainedModel):
             if i == last and n_keep is not None:  # queries of the x_t half only
                 keep = n_keep
                 layer_mask = StructuredMask(mask.kind, mask.n, mask.block_size, n_keep)
-            x = block(x, c, rotary, layer_mask, backend, n_keep=keep, cache=kv_cache, layer=i)
+            if kv_cache is not None and i == last:
+                keep = out_index
+            if folded is not None:
+                x = block.forward_folded(x, folded[i], rotary, layer_mask, backend, kv_cache, i, keep)
+            else:
+                x = block(x, c, rotary, layer_mask, backend, n_keep=keep, cache=kv_cache, layer=i)
             if hidden is not None:
                 hidden.append(x)
         if logits_mask is not None:
@@ -464,11 +569,18 @@ class BD3LM(PreTrainedModel):
             x = x[rows]
             if c is not None and c.shape[0] > 1:
                 c = c[rows[0]]
-        logits = bb.output_layer(x, c)
+        elif kv_cache is not None and out_index is not None:
+            pass  # the last layer returned the kept positions only
+        elif logits_index is not None:
+            x = x.gather(1, logits_index[:, :, None].expand(-1, -1, x.shape[-1]))
+        elif logits_to_keep > 0:
+            x = x[:, -logits_to_keep:]
+        logits = bb.output_layer(x, c, None if folded is None else folded[-1])
         return BD3LMOutput(logits=logits, hidden_states=tuple(hidden) if hidden is not None else None)
 
     def new_cache(self, batch_size: int, capacity: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
-        """An empty :class:`KVCache` for ``batch_size`` sequences and ``capacity`` positions (default L)."""
+        """An empty :class:`KVCache` for ``batch_size`` sequences and ``capacity`` positions (default L), stored in
+        ``dtype`` (default: the dtype of the first keys written, i.e. the compute dtype)."""
         cfg = self.config
         p = self.backbone.vocab_embed.embedding
         return KVCache(
@@ -477,7 +589,7 @@ class BD3LM(PreTrainedModel):
             n_heads=cfg.n_heads,
             head_dim=cfg.hidden_dim // cfg.n_heads,
             capacity=capacity or cfg.model_length,
-            dtype=dtype or p.dtype,
+            dtype=dtype,
             device=p.device,
         )
 

@@ -135,3 +135,56 @@ def test_shorter_two_stream_input_needs_the_explicit_flag():
         short = model(input_ids=torch.cat([xt[:, :8], x0[:, :8]], 1), two_stream=True).logits
         full = two_stream(model, xt, x0)
     assert short.shape == (2, 8, 33) and (short - full[:, :8]).abs().max().item() <= 1e-5
+
+
+def _blockwise_cached_logits(model, x0, xt, train: bool = False, timesteps=None):
+    """Logits of every noisy block x_t^b given the clean prefix x_0^{<b}, one cached call per block: the clean
+    block b - 1 and the noisy block b go through one call (block-causal mask) and only the clean one is kept."""
+    bs, (b, n) = model.config.block_size, x0.shape
+    cache = model.new_cache(b, capacity=n + bs)
+    model.train(train)
+    out = []
+    with torch.no_grad():
+        for k in range(n // bs):
+            lo = max(0, (k - 1) * bs)
+            inp = torch.cat([x0[:, lo : k * bs], xt[:, k * bs : (k + 1) * bs]], 1)
+            cols = torch.arange(lo, (k + 1) * bs)
+            keys = torch.arange(0, (k + 1) * bs)
+            mask = (keys[None, :] // bs <= cols[:, None] // bs).expand(b, -1, -1)
+            logits = model(input_ids=inp, kv_cache=cache, positions=cols.expand(b, -1), attention_mask=mask,
+                           timesteps=timesteps, logits_to_keep=bs).logits
+            cache.commit(k * bs - lo)
+            out.append(logits)
+    model.eval()
+    return torch.cat(out, 1)
+
+
+@pytest.mark.parametrize("kw", [dict(block_size=4), dict(block_size=2, time_conditioning=True)],
+                         ids=["adaln", "time-conditioned"])
+def test_cached_calls_equal_the_two_stream_pass(kw):
+    """The sampler's cached calls (conditioning folded into the affine maps in eval mode; unfolded in train mode
+    or with a time input) give the training pass's logits: the two-stream pass is the oracle."""
+    model = tiny_model(**kw)
+    xt, x0 = sample_pair(model.config)
+    ref = two_stream(model, xt, x0)
+    assert (_blockwise_cached_logits(model, x0, xt) - ref).abs().max().item() <= 1e-5
+    assert (_blockwise_cached_logits(model, x0, xt, train=True) - ref).abs().max().item() <= 1e-5
+    if model.config.time_conditioning:
+        sigma = torch.zeros(2)
+        assert (_blockwise_cached_logits(model, x0, xt, timesteps=sigma) - ref).abs().max().item() <= 1e-5
+
+
+def test_cache_is_allocated_in_the_compute_dtype_and_logits_to_keep_slices():
+    model = tiny_model()
+    ids = torch.randint(0, 32, (2, 8))
+    cache = model.new_cache(2, capacity=16)
+    assert cache.dtype is None and cache.nbytes() == 0  # allocated by the first write
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids, kv_cache=cache, positions=torch.arange(8).expand(2, -1), attention_mask=None)
+    assert cache.dtype == torch.bfloat16
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        last = model(input_ids=ids, logits_to_keep=3).logits
+    assert last.shape == (2, 3, 33) and torch.equal(last, full[:, -3:])
+    with pytest.raises(ValueError, match="logits_to_keep must be an integer >= 0"):
+        model(input_ids=ids, logits_to_keep=-1)
