@@ -23,7 +23,7 @@ import torch
 
 from bd3lm.evaluation.checks import check_int
 from bd3lm.evaluation.judge import Judge, sliding_window_nll
-from bd3lm.sampling.engine import unigram_entropy
+from bd3lm.sampling.stopping import unigram_entropy
 
 __all__ = ["SampleQuality", "TextScore", "sample_quality", "score_texts", "to_judge_ids", "unigram_entropy"]
 

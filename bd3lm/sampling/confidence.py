@@ -31,6 +31,7 @@ class ConfidenceRule(BlockRule):
     """Reveal every masked position with confidence ``>= threshold``, and at least the most confident one."""
 
     name = "confidence"
+    always_reveals = True
 
     def __init__(self, threshold: float = 0.9) -> None:
         self.threshold = check_threshold(threshold)

@@ -15,6 +15,14 @@ starts at ``ws = S * ceil(max(0, e - W) / S)`` where ``S`` (the stride, a multip
 the oldest positions are dropped at once. Positions before ``ws`` are not attended. Because ``ws`` depends
 only on the sequence's own positions, a sequence in a batch sees exactly the same window as when generated
 alone.
+
+**Stride (the window policy's trade-off).** In the exact mode every slide re-encodes the surviving window, so a
+stride of ``L'`` (the most context: ``W - L'`` positions before every block) re-encodes ``W - L'`` positions per
+block and the cost per block grows with the window instead of the block. The default stride is half the window
+(rounded down to whole blocks, at least ``L'``), as in the official long-sample protocol (512 clean + 512 new
+tokens at ``W = 1024``): one re-encode of ``W/2`` positions per ``W/2`` generated, so the cost per token stays
+that of the first window, and every block still sees at least ``W/2`` positions of context. The streaming mode
+never re-encodes, so it keeps the most-context stride ``L'`` at no cost (its keys and values are stale instead).
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["column_layout", "window_start"]
+__all__ = ["WindowPolicy", "column_layout", "default_stride", "window_start"]
 
 
 def column_layout(lengths: list[int], block_size: int) -> tuple[int, list[int], list[int]]:
@@ -44,3 +52,42 @@ def window_start(in_end: int, pad: Tensor, window: int, stride: int) -> Tensor:
     """
     over = (in_end - pad - window).clamp(min=0)
     return pad + torch.div(over + stride - 1, stride, rounding_mode="floor") * stride
+
+
+def default_stride(window: int, block_size: int, streaming: bool) -> int:
+    """The default ``window_stride``: ``L'`` when ``streaming`` (nothing is re-encoded), else half the window in
+    whole blocks, at least one block (see the module docstring)."""
+    if streaming:
+        return block_size
+    return max(block_size, (window // 2) // block_size * block_size)
+
+
+class WindowPolicy:
+    """Where each sequence's window starts, and when the exact mode must re-encode.
+
+    Invariant: for model inputs ending at column ``e``, sequence ``i`` attends exactly the columns
+    ``[window_start(e, pad_i, W, S), e)`` (its own positions, so batching never changes what a sequence sees).
+    The exact mode's cached keys/values are valid only for the window starts they were encoded with: when any
+    sequence's start moves, the surviving window is re-encoded. All of this is host arithmetic (no device sync).
+    """
+
+    def __init__(self, pad: list[int], window: int, stride: int, exact: bool) -> None:
+        self.pad = torch.tensor(pad, dtype=torch.long)
+        self.window, self.stride, self.exact = window, stride, exact
+
+    def starts(self, in_end: int) -> Tensor:
+        """(B,) CPU long: each sequence's window start for inputs ending at column ``in_end``."""
+        return window_start(in_end, self.pad, self.window, self.stride)
+
+    def rotary_base(self, ws: Tensor) -> Tensor:
+        """Column of rotary position 0 per row: the window start (exact: positions relative to the window, as
+        a from-scratch recomputation sees them) or the left pad (streaming: absolute positions)."""
+        return ws if self.exact else self.pad
+
+    def needs_reencode(self, ws: Tensor, encoded_with: Tensor | None) -> bool:
+        """Whether keys/values encoded with window starts ``encoded_with`` are stale for the starts ``ws``."""
+        return encoded_with is None or (self.exact and not torch.equal(ws, encoded_with))
+
+    def select(self, rows: Tensor) -> None:
+        """Keep only the sequences ``rows`` (CPU indices)."""
+        self.pad = self.pad[rows]

@@ -20,10 +20,10 @@ Order of operations (the Hugging Face ``generate`` order): SUBS mask removal, te
 
   The official nucleus is a subset of the Hugging Face one and is at most one token smaller (the crossing
   token). Ties are ranked by token id (stable sort) under both rules.
-- **Sampling** is done in float64 with the exponential race: ``argmax_v p_v / E_v`` with ``E_v ~ Exp(1)``
-  i.i.d., written as ``argmax_v (log p_v - log E_v)`` (a Gumbel-max draw), which returns ``v`` with
-  probability exactly ``p_v`` and never a token with ``p_v = 0``. All randomness comes from one
-  ``torch.Generator``.
+- **Sampling** is done in float64 by inverting the CDF: one uniform per row, the first token whose cumulative
+  probability exceeds it. It returns ``v`` with probability exactly ``p_v`` (no float32 Gumbel truncation,
+  Zheng et al. 2024) and never a token with ``p_v = 0``, and costs one random number per row instead of one
+  per vocabulary entry. All randomness comes from one ``torch.Generator``.
 """
 
 from __future__ import annotations
@@ -110,14 +110,18 @@ def top_p_filter(logits: Tensor, p: float, rule: str = "hf") -> Tensor:
 
 
 def sample_categorical(log_probs: Tensor, generator: torch.Generator | None) -> Tensor:
-    """One draw per row of the categorical ``softmax(log_probs)`` via the float64 exponential race.
+    """One draw per row of the categorical ``softmax(log_probs)`` by inverting its float64 CDF.
 
-    ``argmax_v (log p_v - log E_v)``, ``E_v ~ Exp(1)``: the winner is ``v`` with probability ``p_v`` (the
-    race of independent exponential clocks with rates ``p_v``); tokens with ``log p_v = -inf`` never win.
+    With ``C_v = sum_{w <= v} p_w`` and ``u ~ U[0, C_V)``, the draw is the first ``v`` with ``C_v > u``: it is
+    ``v`` with probability exactly ``p_v / C_V`` (the interval ``[C_{v-1}, C_v)`` has length ``p_v``), and a
+    token with ``p_v = 0`` (an empty interval) never wins. One uniform per row, where a Gumbel race needs one
+    exponential per vocabulary entry.
     """
-    lp = log_probs.to(torch.float64)
-    e = torch.empty(lp.shape, dtype=torch.float64, device=lp.device).exponential_(generator=generator)
-    return torch.argmax(lp - torch.log(e.clamp_min(1e-300)), dim=-1)
+    cum = log_probs.to(torch.float64).exp().cumsum(dim=-1)
+    total = cum[..., -1:]
+    u = torch.rand(total.shape, dtype=torch.float64, device=cum.device, generator=generator) * total
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # u < C_V despite rounding
+    return torch.searchsorted(cum, u, right=True).squeeze(-1)
 
 
 class TokenSampler:

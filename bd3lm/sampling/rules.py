@@ -33,9 +33,20 @@ class BlockRule(ABC):
     """
 
     name: ClassVar[str] = ""
+    #: Every step reveals exactly one ``todo`` position of every row that has one (the engine then knows the
+    #: number of steps in advance and never reads ``todo`` back from the device).
+    reveals_one_per_step: ClassVar[bool] = False
+    #: Every step reveals at least one ``todo`` position of every row that has one (no "nothing changed" check).
+    always_reveals: ClassVar[bool] = False
 
     def start_block(self, todo: Tensor) -> None:  # noqa: B027 - optional hook, stateless rules need nothing
         """Reset per-block state; ``todo`` (B, L') marks the positions to generate in this block."""
+
+    def reads(self, todo: Tensor, sampler: TokenSampler) -> Tensor | None:
+        """Before a network call: the positions (B, k) whose logits the next :meth:`step` reads, when the rule
+        knows them in advance, else ``None`` (all L'). A rule that returns positions then receives logits
+        (B, k, V) at those positions and ``positions=`` in :meth:`step`; the network skips the rest."""
+        return None
 
     @abstractmethod
     def step(self, logits: Tensor, todo: Tensor, sampler: TokenSampler) -> tuple[Tensor, Tensor]:
