@@ -2,6 +2,7 @@
 
     python -m eval.speed [new_tokens=1024 'block_sizes=[1,4,16]' 'batches=[1,8]' 'cache=[true,false]' ar=true ...]
     python -m eval.speed checkpoint=DIR            # a trained model instead of the random-weight ones
+    python -m eval.speed suite=perf [perf.repeats=5 ...]   # the performance targets, PASS/FAIL (eval/perf.py)
 
 Default model (random weights): hidden 256, 4 layers, 4 heads, vocab 4096, model_length 1024, fp32 on CPU
 (or ``device=cuda``). For every block size L', batch size and cache setting it generates ``new_tokens`` tokens
@@ -32,6 +33,7 @@ from omegaconf import DictConfig, ListConfig
 
 from eval.common import CLIError, check_int, cli_main, log, write_json
 
+SUITES = ("default", "perf")
 CACHE_VALUES = {True: True, False: False, "on": True, "off": False, "true": True, "false": False}
 
 
@@ -200,7 +202,14 @@ def _print_table(rows: list[dict[str, Any]], title: str) -> None:
 def run_speed(cfg: DictConfig) -> dict[str, Any]:
     """Run the benchmark described by ``cfg`` (see ``configs/eval/speed.yaml``), print the table, write
     ``cfg.output`` and return ``{"settings": ..., "rows": [...]}``. Raises :class:`CLIError` / ``ValueError`` on
-    bad input."""
+    bad input. ``suite=perf`` runs :func:`eval.perf.run_perf` instead (its own table and JSON)."""
+    suite = cfg.get("suite", "default")
+    if suite not in SUITES:
+        raise CLIError(f"suite {suite!r} is not one of {', '.join(SUITES)}")
+    if suite == "perf":
+        from eval.perf import run_perf
+
+        return run_perf(cfg)
     s = check_config(cfg)
     import torch
 
