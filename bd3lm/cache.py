@@ -1,8 +1,9 @@
 """Key/value cache of the committed clean prefix, one preallocated buffer for all layers.
 
 Sampling writes the keys/values of the block being denoised into the slots after the committed prefix
-*without* committing them (the next step overwrites them); once a block is finished, one forward of the clean
-block writes its keys/values again and :meth:`KVCache.commit` advances the prefix. This mirrors the x_0 stream
+*without* committing them (the next step overwrites them); once a block is finished, the next call runs the clean
+block ahead of the next noisy block, and :meth:`KVCache.commit` keeps the clean block's keys/values (see
+:mod:`bd3lm.sampling.cache_policy`). This mirrors the x_0 stream
 of training, where each block is encoded clean before later blocks read it (Arriola et al. 2025, §3.2).
 Keys are stored after rotary, so no position is ever rotated twice.
 
@@ -53,8 +54,9 @@ class KVCache:
         self.constants: dict[str, object] = {}
 
     def _allocate(self, dtype: torch.dtype) -> None:
-        self.k = torch.zeros(self.shape, dtype=dtype, device=self.device)
-        self.v = torch.zeros(self.shape, dtype=dtype, device=self.device)
+        # uninitialised: a slot is read only after a write (reads stop at the written prefix)
+        self.k = torch.empty(self.shape, dtype=dtype, device=self.device)
+        self.v = torch.empty(self.shape, dtype=dtype, device=self.device)
 
     @property
     def batch_size(self) -> int:

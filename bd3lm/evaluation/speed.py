@@ -1,7 +1,7 @@
 """Sampling speed of :func:`bd3lm.sampling.generate`: generated tokens per second, NFE, and the machine record.
 
 What :func:`speed` measures: the wall-clock time of complete ``generate`` calls (prompt prefill, every
-denoising and commit forward, token sampling and bookkeeping — the whole call as a user sees it), the median
+denoising call, token sampling and bookkeeping — the whole call as a user sees it), the median
 over ``repeats`` timed runs after ``warmup`` untimed ones, with ``torch.cuda.synchronize()`` before and after
 each timed run on CUDA. Throughput counts **generated tokens only** (``sum(result.num_new_tokens)`` over all
 rows of the batch); the prompt is never counted. Model construction and loading are not timed.
@@ -90,7 +90,7 @@ def speed(
     ``prompt_length`` copies of ``bos_token_id`` (id 0 when ``None``; never the mask id). ``warmup`` untimed runs
     (with at most two blocks of new tokens) precede ``repeats`` timed runs; ``seconds`` is the median of the timed
     runs and ``tokens_per_s = new_tokens / seconds`` counts generated tokens only (all rows), never the prompt.
-    Each timed run is the whole ``generate`` call (prefill, denoising and commit forwards, sampling), bracketed
+    Each timed run is the whole ``generate`` call (prefill, denoising calls, sampling), bracketed
     by ``torch.cuda.synchronize()`` when the model is on CUDA.
 
     Args:
