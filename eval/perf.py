@@ -193,6 +193,11 @@ def confidence_targets(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     detail = (f"tau={pt['threshold']:g}{'' if ok else ' (closest; no threshold meets both)'}: {reduction:.2f}x fewer "
               f"NFE/token ({pt['nfe_per_token']:.3f} vs {base['nfe_per_token']:.3f}), gen-PPL {ppl_ratio:.2f}x "
               f"({pt['gen_ppl']:.1f} vs {base['gen_ppl']:.1f}); target gen-PPL ≤ {PPL_RATIO_TARGET:.2f}x")
+    serial = next((c for c in curve if c["threshold"] == 1.0), None)
+    if serial is not None and serial is not pt:  # same decoding order, one token per call: the order's own effect
+        ratio = pt["gen_ppl"] / serial["gen_ppl"]
+        detail += (f"; vs tau=1 (most confident first, one token per call): gen-PPL {ratio:.2f}x, entropy "
+                   f"{pt['entropy']:.2f} vs {serial['entropy']:.2f} (first hitting {base['entropy']:.2f})")
     row = _row("confidence", reduction, f"{reduction:.2f}x @ tau={pt['threshold']:g}", NFE_REDUCTION_TARGET, ">=",
                detail, [], "PASS" if ok else "FAIL")
     row.update(threshold=pt["threshold"], ppl_ratio=ppl_ratio, ppl_ratio_target=PPL_RATIO_TARGET)
