@@ -44,8 +44,9 @@ class CachePolicy:
             self.c0 = self.end = int(ws.min())
             self.encoded_with = ws.clone()
         elif in_end - self.c0 > self.capacity:
-            # Streaming: columns before ``oldest`` are masked for every query, so they can go; the surviving
-            # keys/values were computed while the dropped columns were visible (approximate).
+            # Streaming, when full: columns before ``oldest`` are masked for every query, so they can go (until
+            # then they stay, masked); the surviving keys/values were computed while the dropped columns were
+            # visible (approximate).
             self.cache.drop_oldest(min(oldest, self.end) - self.c0)
             self.c0, self.end = oldest, max(self.end, oldest)
 

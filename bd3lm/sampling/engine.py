@@ -17,7 +17,8 @@ for AR) with each row's window and padding mask; the clean columns are committed
 are left pending and rewritten by the next call. So NFE = one call per denoising step: a finished block costs
 no extra call. Logits equal a from-scratch recomputation of the window (``kv_cache=False``,
 :meth:`BlockEngine._plain_forward`) in the exact mode; ``streaming=True`` keeps stale keys/values instead of
-re-encoding (approximate past the window, absolute positions).
+re-encoding (approximate past the window, absolute positions). Memory is bounded by the window in the exact mode
+and by 1.5 windows in streaming (which drops its oldest columns half a window at a time).
 
 **AR models** (``config.causal``): the "block" is one token predicted from the logits of the previous position
 (logits at i predict token i + 1); the call that predicts a token also commits the token before it.
@@ -103,8 +104,10 @@ class BlockEngine:
         self.rem = rems
         self.window = WindowPolicy(pads, window, stride, exact=not streaming)
         # Streaming encodes a finished block with the window it was generated in (see _clean_starts), which
-        # reaches back one block further than the next block's window.
-        capacity = window + (bs if streaming and not self.ar else 0)
+        # reaches back one block further than the next block's window; and it keeps up to half a window of
+        # masked columns, so that dropping the oldest (a copy of the whole cache) happens once per W/2
+        # positions instead of once per block.
+        capacity = window + (bs + window // 2 if streaming else 0)
         self.cache = CachePolicy(model, n, capacity, self.window) if use_cache else None
         self.block_done = False  # the columns [cur - L', cur) are a finished block not yet cached
 
