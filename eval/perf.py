@@ -26,7 +26,8 @@ measurements of the same run, except NFE counts, which are exact.
   gen-PPL <= 1.10x first hitting's; the row names the best (fewest NFE per token) threshold meeting both, else FAIL
   with the closest. SKIP, with the reason, when the checkpoint or the judge cannot be loaded.
 
-The table goes to stdout (progress on stderr) and the JSON to ``perf.output``. Fewer than 5 repeats is a smoke run:
+The table goes to stdout (progress on stderr), the JSON to ``perf.output`` and, for a ``.json`` output, the table as
+Markdown next to it (``.md``). Fewer than 5 repeats is a smoke run:
 the title and the JSON say so.
 """
 
@@ -38,7 +39,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig
 
-from eval.common import CLIError, check_int, log, one_line, write_json
+from eval.common import CLIError, check_int, log, one_line, write_json, write_text
 
 #: The size the targets are stated for (the official tiny model).
 REFERENCE_SIZE = {"dim": 256, "layers": 8, "heads": 8, "vocab": 4097, "length": 1024, "block_size": 4}
@@ -325,6 +326,13 @@ def print_table(rows: list[dict[str, Any]], title: str) -> None:
     console.print(table)
 
 
+def markdown_table(rows: list[dict[str, Any]], title: str) -> str:
+    """The target rows as a Markdown table under ``title`` (what ``perf.output``'s ``.md`` twin holds)."""
+    out = [title, "", "| target | measured | goal | verdict | detail |", "|---|---|---|---|---|"]
+    out += [f"| {r['name']} | {r['shown']} | {r['target_text']} | {r['verdict']} | {r['detail']} |" for r in rows]
+    return "\n".join(out) + "\n"
+
+
 def run_perf(cfg: DictConfig) -> dict[str, Any]:
     """Run ``suite=perf`` (see the module docstring): print the table, write ``perf.output``, return the JSON
     dict ``{"title", "settings", "targets", "measurements", "confidence"}``."""
@@ -363,4 +371,8 @@ def run_perf(cfg: DictConfig) -> dict[str, Any]:
     if p["output"] is not None:
         write_json(p["output"], result)
         log(f"[perf] wrote {p['output']}")
+        if p["output"].endswith(".json"):
+            md = p["output"][: -len(".json")] + ".md"
+            write_text(md, markdown_table(rows, title))
+            log(f"[perf] wrote {md}")
     return result

@@ -183,6 +183,8 @@ def test_perf_suite_smoke_run_end_to_end(tmp_path):
         assert r["verdict"] in expected, (name, r)
         assert r["verdict"] in proc.stdout
     assert "/nonexistent" in rows["confidence"]["reason"] and rows["confidence"]["measured"] is None
+    md = (tmp_path / "perf.md").read_text()  # the Markdown twin: one line per target, the same verdicts
+    assert all(f"| {name} | {r['shown']} | {r['target_text']} | {r['verdict']} |" in md for name, r in rows.items())
 
     m = data["measurements"]
     sizes = {"checkpoint": None, **{k: TINY[k] for k in ("vocab", "length", "dim", "layers", "heads")}}
