@@ -19,16 +19,20 @@ import bd3lm
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("bd3")
+def save_tiny_checkpoint(path, model_length: int = 32, n_blocks: int = 2):
+    """A random-weight BD3-LM (L' = 4) with the tiny tokenizer, saved as a checkpoint directory at ``path``."""
     tok = tiny_tokenizer()
     tok.save_pretrained(path)
-    cfg = bd3lm.BD3LMConfig(vocab_size=len(tok), model_length=32, block_size=4, hidden_dim=32, cond_dim=16,
-                            n_blocks=2, n_heads=4, dropout=0.0)
+    cfg = bd3lm.BD3LMConfig(vocab_size=len(tok), model_length=model_length, block_size=4, hidden_dim=32,
+                            cond_dim=16, n_blocks=n_blocks, n_heads=4, dropout=0.0)
     torch.manual_seed(0)
     randomize(bd3lm.BD3LM(cfg), 0).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("bd3"))
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize
 from omegaconf import OmegaConf
+from test_eval_cli import save_tiny_checkpoint
 from test_judge import ar_judge_dir  # noqa: F401 - fixture
-from test_sampling_cli import tiny_tokenizer
 
-import bd3lm
 from eval.common import CLIError
 from eval.perf import check_perf, confidence_targets, notes, run_confidence, speed_targets, verdict
 
@@ -135,14 +133,7 @@ def test_notes_flag_smoke_runs_and_other_sizes():
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("perf_ckpt")
-    tok = tiny_tokenizer()
-    tok.save_pretrained(path)
-    cfg = bd3lm.BD3LMConfig(vocab_size=len(tok), model_length=16, block_size=4, hidden_dim=32, cond_dim=16,
-                            n_blocks=1, n_heads=4, dropout=0.0)
-    torch.manual_seed(0)
-    randomize(bd3lm.BD3LM(cfg), 0).save_pretrained(path)
-    return path
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("perf_ckpt"), model_length=16, n_blocks=1)
 
 
 def test_confidence_curve_on_a_checkpoint(tiny_ckpt, ar_judge_dir, tmp_path):  # noqa: F811
