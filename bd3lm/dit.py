@@ -9,18 +9,16 @@ LayerNorm affine maps and the output projections (what the sampler's cached call
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from transformers import PretrainedConfig
 
 from bd3lm.cache import KVCache
 from bd3lm.kernels import attention
-
-if TYPE_CHECKING:
-    from bd3lm.model import BD3LMConfig
 
 __all__ = ["DDiTBlock", "DDitFinalLayer", "DITBackbone", "Folded", "LayerNorm", "Rotary", "apply_rotary"]
 
@@ -255,7 +253,7 @@ class DDitFinalLayer(nn.Module):
 class DITBackbone(nn.Module):
     """Embedding, optional σ-MLP, rotary, ``n_blocks`` DiT blocks and the output layer (official module names)."""
 
-    def __init__(self, config: BD3LMConfig):
+    def __init__(self, config: PretrainedConfig):  # a BD3LMConfig
         super().__init__()
         d, adaln = config.hidden_dim, config.use_adaln
         self.vocab_embed = EmbeddingLayer(d, config.vocab_size)

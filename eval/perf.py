@@ -4,7 +4,7 @@
     python -m eval.speed suite=perf perf.repeats=1 perf.length=32 perf.dim=32 perf.layers=1 perf.heads=4 \\
         perf.vocab=64 perf.long_factor=2 perf.checkpoint=null   # a smoke run: checks the wiring, measures nothing
 
-Speed targets run on random-weight fp32 models built by :func:`eval.speed.build_model` at the ``perf.*`` size:
+Speed targets run on random-weight fp32 models built by :func:`eval.bench.build_model` at the ``perf.*`` size:
 first hitting, batch 1, a 1-token prompt (the model's BOS id, else id 0), ``N = perf.length`` new tokens unless
 stated. Every timing is :func:`bd3lm.evaluation.speed.speed` (median of ``perf.repeats`` whole ``generate`` calls
 after one untimed warm-up; tokens/s counts the generated tokens of all rows). Every verdict is a ratio of two
@@ -76,7 +76,7 @@ def _thresholds(value: object) -> list[float]:
 
 def check_perf(cfg: DictConfig) -> dict[str, Any]:
     """The validated settings of ``suite=perf`` (plain Python values); raises :class:`CLIError` on bad input."""
-    from eval.speed import _int_list
+    from eval.bench import int_list
 
     perf = cfg.get("perf")
     if not isinstance(perf, DictConfig):
@@ -85,7 +85,7 @@ def check_perf(cfg: DictConfig) -> dict[str, Any]:
     p["repeats"] = check_int(perf.repeats, "perf.repeats")
     p["long_factor"] = check_int(perf.long_factor, "perf.long_factor", 2)
     p["stride_long_factor"] = check_int(perf.stride_long_factor, "perf.stride_long_factor", 2)
-    p["batches"] = sorted(set(_int_list(perf.batches, "perf.batches")))
+    p["batches"] = sorted(set(int_list(perf.batches, "perf.batches")))
     if p["batches"][0] < 2:
         raise CLIError(f"perf.batches are compared with batch 1; give sizes >= 2; got {p['batches']}")
     p["thresholds"] = _thresholds(perf.thresholds)
@@ -217,7 +217,7 @@ def _common(env: dict[str, Any]) -> dict[str, Any]:
 def measure_all(p: dict[str, Any], device) -> dict[str, dict[str, Any]]:
     """Every speed measurement of the suite, by key (``base`` is L'=block_size, batch 1, N tokens, cache on)."""
     from bd3lm.evaluation.speed import environment, speed
-    from eval.speed import build_model, prompt_token
+    from eval.bench import build_model, prompt_token
 
     n, bs = p["length"], p["block_size"]
     long = p["long_factor"] * n
@@ -336,7 +336,7 @@ def markdown_table(rows: list[dict[str, Any]], title: str) -> str:
 def run_perf(cfg: DictConfig) -> dict[str, Any]:
     """Run ``suite=perf`` (see the module docstring): print the table, write ``perf.output``, return the JSON
     dict ``{"title", "settings", "targets", "measurements", "confidence"}``."""
-    from eval.speed import resolve_device
+    from eval.bench import resolve_device
 
     p = check_perf(cfg)
     device = resolve_device(p["device"])

@@ -31,17 +31,11 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, ListConfig
 
+from eval.bench import build_model, int_list, prompt_token, resolve_device
 from eval.common import CLIError, check_int, cli_main, log, write_json
 
 SUITES = ("default", "perf")
 CACHE_VALUES = {True: True, False: False, "on": True, "off": False, "true": True, "false": False}
-
-
-def _int_list(value: object, name: str) -> list[int]:
-    items = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
-    if not items:
-        raise CLIError(f"{name} is empty; give at least one value, e.g. {name}=[1]")
-    return [check_int(v, f"every value of {name}") for v in items]
 
 
 def _caches(value: object) -> list[bool]:
@@ -66,8 +60,8 @@ def check_config(cfg: DictConfig) -> dict[str, Any]:
         "checkpoint": ckpt,
         "new_tokens": check_int(cfg.new_tokens, "new_tokens"),
         "off_tokens": check_int(cfg.off_tokens, "off_tokens"),
-        "block_sizes": _int_list(cfg.block_sizes, "block_sizes"),
-        "batches": _int_list(cfg.batches, "batches"),
+        "block_sizes": int_list(cfg.block_sizes, "block_sizes"),
+        "batches": int_list(cfg.batches, "batches"),
         "cache": _caches(cfg.cache),
         "ar": cfg.ar,
         "threshold": cfg.threshold,
@@ -96,64 +90,6 @@ def check_config(cfg: DictConfig) -> dict[str, Any]:
             if s["length"] % bs:
                 raise CLIError(f"block size {bs} must divide length {s['length']}")
     return s
-
-
-def resolve_device(name: str):
-    """``torch.device`` for ``name`` (``auto`` = CUDA when available); raises :class:`CLIError`."""
-    import torch
-
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise CLIError(f"device {name!r} is not valid: {' '.join(str(exc).split())}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"device {name!r} requested but CUDA is not available")
-    return device
-
-
-def build_model(s: dict[str, Any], block_size: int | None, causal: bool, device):
-    """The benchmark model: the checkpoint, or a random-weight BD3-LM (``block_size``) / AR model of the stated
-    size (every weight drawn from N(0, 0.02) except norms: the official init zeroes the head and adaLN)."""
-    import torch
-
-    import bd3lm
-
-    if s["checkpoint"] is not None:
-        from bd3lm.checkpoint import check_checkpoint_dir
-
-        check_checkpoint_dir(s["checkpoint"])
-        model = bd3lm.BD3LM.from_pretrained(s["checkpoint"])
-    else:
-        torch.manual_seed(0)
-        kw = dict(
-            vocab_size=s["vocab"],
-            model_length=s["length"],
-            hidden_dim=s["dim"],
-            cond_dim=128,
-            n_blocks=s["layers"],
-            n_heads=s["heads"],
-            dropout=0.0,
-        )
-        if causal:
-            config = bd3lm.BD3LMConfig(block_size=1, causal=True, cross_attn=False, adaln=False, **kw)
-        else:
-            config = bd3lm.BD3LMConfig(block_size=block_size, **kw)
-        model = bd3lm.BD3LM(config)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "norm" not in name:
-                    p.normal_(0.0, 0.02)
-    return model.to(device).eval()
-
-
-def prompt_token(model) -> int | None:
-    """The model's ``bos_token_id`` when it is a usable token id (not the mask), else ``None`` (id 0)."""
-    cfg = model.config
-    bos = getattr(cfg, "bos_token_id", None)
-    ok = isinstance(bos, int) and not isinstance(bos, bool) and 0 <= bos < cfg.vocab_size and bos != cfg.mask_index
-    return bos if ok else None
 
 
 def _row(name: str, model, sampler: str, res) -> dict[str, Any]:

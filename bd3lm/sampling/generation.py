@@ -16,7 +16,8 @@ from torch import Tensor
 from bd3lm.sampling.engine import BlockEngine
 from bd3lm.sampling.layout import default_stride
 from bd3lm.sampling.processing import TokenSampler, check_sampling_args
-from bd3lm.sampling.rules import BlockRule, make_rule
+from bd3lm.sampling.registry import make_rule
+from bd3lm.sampling.rules import BlockRule
 from bd3lm.sampling.stopping import Stopping
 
 __all__ = ["GenerationResult", "generate"]
