@@ -6,8 +6,10 @@
 
 Speed targets run on random-weight fp32 models built by :func:`eval.bench.build_model` at the ``perf.*`` size:
 first hitting, batch 1, a 1-token prompt (the model's BOS id, else id 0), ``N = perf.length`` new tokens unless
-stated. Every timing is :func:`bd3lm.evaluation.speed.speed` (median of ``perf.repeats`` whole ``generate`` calls
-after one untimed warm-up; tokens/s counts the generated tokens of all rows). Every verdict is a ratio of two
+stated. Every timing is :func:`bd3lm.evaluation.speed.speed` of one whole ``generate`` call; the suite runs
+``perf.repeats`` interleaved rounds (each runs every configuration once, after one untimed warm-up each) and reports
+medians, so drift of the machine moves all configurations alike (tokens/s counts the generated tokens of all
+rows). Every verdict is a ratio of two
 measurements of the same run, except NFE counts, which are exact.
 
 - ``nfe_block1``, ``nfe_block4``: NFE of N new tokens at block size 1 and ``perf.block_size``; target <= N.
@@ -215,51 +217,65 @@ def _common(env: dict[str, Any]) -> dict[str, Any]:
 
 
 def measure_all(p: dict[str, Any], device) -> dict[str, dict[str, Any]]:
-    """Every speed measurement of the suite, by key (``base`` is L'=block_size, batch 1, N tokens, cache on)."""
+    """Every speed measurement of the suite, by key (``base`` is L'=block_size, batch 1, N tokens, cache on).
+
+    The runs are interleaved: each of ``repeats`` rounds runs every configuration once (the first round after one
+    untimed warm-up each), so a drift of the machine's speed during the suite (seen here: ±30% over minutes)
+    moves every configuration alike instead of biasing the ratios between configurations measured minutes apart.
+    """
+    import statistics
+
     from bd3lm.evaluation.speed import environment, speed
     from eval.bench import build_model, prompt_token
 
     n, bs = p["length"], p["block_size"]
     long = p["long_factor"] * n
     sizes = {"checkpoint": None, **{k: p[k] for k in ("vocab", "length", "dim", "layers", "heads")}}
+    models = {name: build_model(sizes, block, causal, device)
+              for name, block, causal in ((f"L'={bs}", bs, False), ("L'=1", 1, False), ("AR", 1, True))}
+    envs = {name: environment(model) for name, model in models.items()}
+    base = f"L'={bs}"
+    specs: list[tuple[str, str, dict[str, Any]]] = [
+        ("base", base, {}),
+        ("cache_off", base, {"cache": False}),
+        *[(f"batch{b}", base, {"batch": b}) for b in p["batches"]],
+        ("window1", base, {"new": n - 1}),
+        ("long_default", base, {"new": long}),
+        ("long_streaming", base, {"new": long, "window": "streaming=True", "streaming": True}),
+        (f"long_stride{bs}", base, {"new": p["stride_long_factor"] * n, "window": f"window_stride={bs}",
+                                    "window_stride": bs}),
+        ("block1", "L'=1", {}),
+        ("ar", "AR", {}),
+    ]
+    runs: dict[str, list] = {key: [] for key, _, _ in specs}
+    for r in range(p["repeats"]):
+        for key, name, kw in specs:
+            kw = dict(kw)
+            batch, new, cache = kw.pop("batch", 1), kw.pop("new", n), kw.pop("cache", True)
+            kw.pop("window", None)
+            model = models[name]
+            res = speed(model, batch_size=batch, new_tokens=new, prompt_length=1, repeats=1, warmup=int(r == 0),
+                        bos_token_id=prompt_token(model), kv_cache=cache, **kw)
+            runs[key].append(res)
+            log(f"[perf] round {r + 1}/{p['repeats']}  {key:<14} {name:<7} batch {batch:>3}  {new:>6} tokens  "
+                f"{res.tokens_per_s:9.1f} tok/s  NFE {res.nfe:>6}  {res.seconds:.2f} s")
     out: dict[str, dict[str, Any]] = {}
-
-    def measure(key: str, name: str, model, env, *, batch: int = 1, new: int = n, cache: bool = True,
-                window: str = "default", **kw) -> None:
-        res = speed(model, batch_size=batch, new_tokens=new, prompt_length=1, repeats=p["repeats"], warmup=1,
-                    bos_token_id=prompt_token(model), kv_cache=cache, **kw)
+    for key, name, kw in specs:
+        first = runs[key][0]
+        seconds_all = [res.seconds for res in runs[key]]
+        median = statistics.median(seconds_all)
         out[key] = {
-            "model": name, "block_size": res.settings["block_size"], "causal": res.settings["causal"],
-            "sampler": "ar" if res.settings["causal"] else "first_hitting", "batch": batch,
-            "prompt_length": res.prompt_tokens, "prompt_token_id": res.settings["prompt_token_id"],
-            "new_tokens_per_row": new, "new_tokens": res.new_tokens, "cache": "on" if cache else "off",
-            "window": window, "generate_kwargs": res.settings["generate_kwargs"], "repeats": res.repeats,
-            "warmup_runs_excluded": res.settings["warmup"], "tokens_per_second": res.tokens_per_s,
-            "seconds_median": res.seconds, "seconds_all": res.seconds_all, "nfe": res.nfe,
-            "tokens_per_forward": res.tokens_per_forward, "device": res.settings["device"],
-            "dtype": res.settings["dtype"], **_common(env),
+            "model": name, "block_size": first.settings["block_size"], "causal": first.settings["causal"],
+            "sampler": "ar" if first.settings["causal"] else "first_hitting", "batch": first.batch_size,
+            "prompt_length": first.prompt_tokens, "prompt_token_id": first.settings["prompt_token_id"],
+            "new_tokens_per_row": first.settings["new_tokens_per_row"], "new_tokens": first.new_tokens,
+            "cache": "on" if first.kv_cache else "off", "window": kw.get("window", "default"),
+            "generate_kwargs": first.settings["generate_kwargs"], "repeats": len(seconds_all),
+            "interleaved": True, "warmup_runs_excluded": 1, "tokens_per_second": first.new_tokens / median,
+            "seconds_median": median, "seconds_all": seconds_all, "nfe": first.nfe,
+            "tokens_per_forward": first.tokens_per_forward, "device": first.settings["device"],
+            "dtype": first.settings["dtype"], **_common(envs[name]),
         }
-        log(f"[perf] {key:<14} {name:<7} batch {batch:>3}  cache {'on ' if cache else 'off'}  {window:<16} "
-            f"{new:>6} tokens  {res.tokens_per_s:9.1f} tok/s  NFE {res.nfe:>6}  median {res.seconds:.2f} s")
-
-    name = f"L'={bs}"
-    model = build_model(sizes, bs, False, device)
-    env = environment(model)
-    measure("base", name, model, env)
-    measure("cache_off", name, model, env, cache=False)
-    for b in p["batches"]:
-        measure(f"batch{b}", name, model, env, batch=b)
-    measure("window1", name, model, env, new=n - 1)
-    measure("long_default", name, model, env, new=long)
-    measure("long_streaming", name, model, env, new=long, window="streaming=True", streaming=True)
-    measure(f"long_stride{bs}", name, model, env, new=p["stride_long_factor"] * n, window=f"window_stride={bs}",
-            window_stride=bs)
-    del model
-    model = build_model(sizes, 1, False, device)
-    measure("block1", "L'=1", model, environment(model))
-    del model
-    model = build_model(sizes, 1, True, device)
-    measure("ar", "AR", model, environment(model))
     return out
 
 
@@ -347,7 +363,7 @@ def run_perf(cfg: DictConfig) -> dict[str, Any]:
     flags = notes(p)
     head = (f"perf suite: hidden {p['dim']}, layers {p['layers']}, heads {p['heads']}, vocab {p['vocab']}, "
             f"L={p['length']}, L'={p['block_size']}, fp32 random weights, {device}, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, median of {p['repeats']} after 1 warm-up")
+            f"{torch.get_num_threads()} threads, median of {p['repeats']} interleaved rounds after 1 warm-up")
     title = " — ".join([head, *flags])
     log(f"[perf] {title}")
     points, skipped = run_confidence(p, device)
