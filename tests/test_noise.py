@@ -23,6 +23,8 @@ from bd3lm.noise import (
 )
 
 NAMES = sorted(SCHEDULES)
+#: schedules with alpha_0 = 1 exactly (geometric starts at sigma_min > 0, see test_geometric_schedule)
+MASKING = [n for n in NAMES if n != "geometric"]
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -55,14 +57,14 @@ def _chi2(observed: torch.Tensor, probs: list[float]) -> tuple[float, int]:
 
 
 def test_registry_names() -> None:
-    assert set(SCHEDULES) == {"loglinear", "linear", "cosine", "square", "square_root", "log"}
+    assert set(SCHEDULES) == {"loglinear", "linear", "cosine", "square", "square_root", "log", "geometric"}
     for name in NAMES:
         sched = get_schedule(name)
         assert isinstance(sched, NoiseSchedule) and not isinstance(sched, torch.nn.Module)
         assert sched.name == name
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", MASKING)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_alpha_endpoints(name: str, dtype: torch.dtype) -> None:
     sched = get_schedule(name)
@@ -133,7 +135,7 @@ def test_weight_closed_forms(name: str, closed_form) -> None:
     torch.testing.assert_close(get_schedule(name).weight(t), closed_form(t), rtol=1e-10, atol=0)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", MASKING)
 def test_sigma_is_minus_log_alpha_and_capped(name: str) -> None:
     sched = get_schedule(name)
     t = torch.linspace(0, 1, 513, dtype=torch.float64)
@@ -176,8 +178,18 @@ def test_schedule_rejects_t_outside_unit_interval(name: str, bad: float, pattern
 
 
 def test_unknown_schedule_names_value_and_choices() -> None:
-    with pytest.raises(ValueError, match=r"'geometric'.*cosine.*loglinear.*square_root"):
-        get_schedule("geometric")
+    with pytest.raises(ValueError, match=r"'bogus'.*cosine.*geometric.*loglinear.*square_root"):
+        get_schedule("bogus")
+
+
+def test_geometric_schedule_closed_form() -> None:
+    """sigma(t) = sigma_min^(1-t) sigma_max^t (SEDD), checked at the endpoints and the midpoint (geometric mean)."""
+    sched = get_schedule("geometric", sigma_min=1e-3, sigma_max=10.0)
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(sched.sigma(t), torch.tensor([1e-3, 0.1, 10.0], dtype=torch.float64))
+    torch.testing.assert_close(sched.alpha(t), torch.exp(-sched.sigma(t)))
+    with pytest.raises(ValueError, match="sigma_min"):
+        get_schedule("geometric", sigma_min=2.0, sigma_max=1.0)
 
 
 def test_bad_schedule_parameters() -> None:
