@@ -103,9 +103,22 @@ def validate_config(cfg) -> None:
         )
     if cfg.trainer.ckpt_every is not None:
         _positive(cfg, "trainer.ckpt_every")
+    from bd3lm.graphs import check_family
     from bd3lm.noise import get_schedule
 
     get_schedule(cfg.noise.name)
+    a = cfg.algo
+    graph, loss = str(a.get("graph", "absorbing")), str(a.get("loss", "subs"))
+    try:
+        check_family(graph, loss, a.get("p_m"))
+    except ValueError as e:
+        raise ConfigError(f"algo: {e}") from None
+    if loss != "subs" and bool(a.causal):
+        raise ConfigError(f"algo.loss={loss} needs a diffusion model; the autoregressive algo (causal) has none")
+    if loss != "subs" and bool(a.var_min):
+        raise ConfigError(f"algo.var_min (the clipped-schedule search) applies to loss=subs; got algo.loss={loss}")
+    if str(a.get("cedd_weight", "one")) not in ("one", "log"):
+        raise ConfigError(f"algo.cedd_weight must be one or log; got {a.get('cedd_weight')!r}")
 
 
 def prepare_run_dir(cfg) -> Path:
@@ -171,6 +184,10 @@ def build_model(cfg, tokenizer):
             sampling_eps_min=1e-3,
             sampling_eps_max=1.0,
             mask_token_id=None if mask_id == len(tokenizer) - 1 else mask_id,
+            graph=str(a.get("graph", "absorbing")),
+            loss=str(a.get("loss", "subs")),
+            p_m=None if a.get("p_m") is None else float(a.p_m),
+            noise_schedule=str(cfg.noise.name),
         )
     )
 
@@ -362,6 +379,7 @@ def run(cfg) -> dict:
         search_batches=int(cfg.algo.search_batches),
         clip_widths=tuple(cfg.algo.clip_widths),
         var_min=bool(cfg.algo.var_min),
+        cedd_weight=str(cfg.algo.get("cedd_weight", "one")),
         log_dir=str(run_dir),
         init_eval=init_info or {},
     )

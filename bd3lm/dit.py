@@ -1,6 +1,12 @@
 """The DiT backbone of BD3-LM (Peebles & Xie 2023, as used by MDLM and BD3-LM): embedding, σ-conditioning, rotary
 attention blocks with adaLN-zero modulation, and the output layer, with the official module names.
 
+The conditioning ``c`` is one row per sequence, (B, cond), or one row per input token, (B, N, cond): block
+diffusion with a time-conditioned network has one noise level per block, and the clean stream of the two-stream
+pass (or a clean prefix fed through the cache) is at σ = 0 (Arriola et al. 2025, §3.2). Wherever a forward keeps
+only some rows (the last layer's queries, the rows whose logits are asked for), per-token modulations are kept
+identically (:func:`keep_rows`).
+
 Each block runs in two forms: :meth:`DDiTBlock.forward` (training and every pass with a time input) and
 :meth:`DDiTBlock.forward_folded`, the same function in eval mode with a constant conditioning folded into the
 LayerNorm affine maps and the output projections (what the sampler's cached calls use).
@@ -20,7 +26,10 @@ from transformers import PretrainedConfig
 from bd3lm.cache import KVCache
 from bd3lm.kernels import attention
 
-__all__ = ["DDiTBlock", "DDitFinalLayer", "DITBackbone", "Folded", "LayerNorm", "Rotary", "apply_rotary"]
+__all__ = [
+    "DDiTBlock", "DDitFinalLayer", "DITBackbone", "Folded", "LayerNorm", "Rotary", "apply_rotary",
+    "check_timesteps", "keep_rows",
+]
 
 
 class LayerNorm(nn.Module):
@@ -63,6 +72,26 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale) + shift
 
 
+def check_timesteps(sigma: Tensor, batch: int, length: int | None) -> None:
+    """One-line ``ValueError`` unless σ is (B,) (one per sequence) or (B, N) (one per input token; ``length`` = N,
+    ``None``: per sequence only)."""
+    if tuple(sigma.shape) == (batch,) or (length is not None and tuple(sigma.shape) == (batch, length)):
+        return
+    per_token = "" if length is None else f" or ({batch}, {length}) (one σ per input token)"
+    raise ValueError(f"timesteps must have shape ({batch},) (one σ per sequence){per_token}; got {tuple(sigma.shape)}")
+
+
+def keep_rows(t: Tensor | None, keep: int | Tensor | None) -> Tensor | None:
+    """The rows ``keep`` of a per-token tensor ``t`` (B, N, ...): a prefix length (int) or per-row positions
+    (B, k) (the restriction :meth:`DDiTBlock._attend` applies to the queries); a per-sequence ``t`` (B or 1, 1, ...)
+    or (B or 1, cond) (no token axis to restrict) and ``keep=None`` return ``t`` unchanged."""
+    if t is None or keep is None or t.dim() < 3 or t.shape[1] == 1:
+        return t
+    if isinstance(keep, Tensor):
+        return t.gather(1, keep.reshape(*keep.shape, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:]))
+    return t[:, :keep] if keep < t.shape[1] else t
+
+
 class Rotary(nn.Module):
     """Rotary position embedding, GPT-NeoX "rotate-half" convention, base 10000, over the full head size."""
 
@@ -99,9 +128,10 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(freq_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
 
     def forward(self, sigma: Tensor) -> Tensor:
+        """σ of any shape (...) → embedding (..., cond)."""
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, device=sigma.device, dtype=torch.float32) / half)
-        args = sigma.float()[:, None] * freqs[None]
+        args = sigma.float()[..., None] * freqs
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
@@ -156,6 +186,9 @@ class DDiTBlock(nn.Module):
         x, a = self._attend(x, h, rotary, mask, backend, n_keep, cache, layer)
         a = self.dropout(self.attn_out(a))
         if self.adaln:
+            # per-token modulations follow the queries kept by the last layer (no-op for per-sequence ones)
+            gate_msa, shift_mlp, scale_mlp, gate_mlp = (keep_rows(m, n_keep)
+                                                        for m in (gate_msa, shift_mlp, scale_mlp, gate_mlp))
             x = x + gate_msa * a
             m = self.dropout(self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
             return x + gate_mlp * m
@@ -184,8 +217,10 @@ class DDiTBlock(nn.Module):
         return x, attention(q, k, v, mask, backend).transpose(1, 2).reshape(b, q.shape[2], d)
 
     def modulations(self, c: Tensor) -> tuple[Tensor, ...]:
-        """The six adaLN vectors (shift, scale, gate for attention and MLP), each (B or 1, 1, d)."""
-        return self.adaLN_modulation(c)[:, None, :].chunk(6, dim=-1)
+        """The six adaLN vectors (shift, scale, gate for attention and MLP), each (B or 1, 1, d) for a
+        per-sequence ``c`` (B or 1, cond), or (B, N, d) for a per-token ``c`` (B, N, cond)."""
+        mod = self.adaLN_modulation(c)
+        return (mod[:, None, :] if c.dim() == 2 else mod).chunk(6, dim=-1)
 
     def fold(self, c: Tensor | None) -> Folded:
         """This block with the constant conditioning ``c`` (one row) folded into its affine maps, for inference:
@@ -229,14 +264,14 @@ class DDitFinalLayer(nn.Module):
             nn.init.zeros_(self.adaLN_modulation.bias)
 
     def forward(self, x: Tensor, c: Tensor | None, folded: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
-        """x (B, N, d) with c (B or 1, cond), or gathered rows x (M, d) with c (M or 1, cond); ``folded`` = the
-        output of :meth:`fold` for a constant ``c``."""
+        """x (B, N, d) with c (B or 1, cond) or per-token c (B, N, cond), or gathered rows x (M, d) with c
+        (M or 1, cond); ``folded`` = the output of :meth:`fold` for a constant ``c``."""
         if folded is not None:
             return self.linear(affine_norm(x, *folded, self.norm_final.weight.dtype))
         h = self.norm_final(x)
         if self.adaln:
             mod = self.adaLN_modulation(c)
-            shift, scale = (mod[:, None, :] if x.dim() == 3 else mod).chunk(2, dim=-1)
+            shift, scale = (mod[:, None, :] if x.dim() == 3 and mod.dim() == 2 else mod).chunk(2, dim=-1)
             h = modulate(h, shift, scale)
         return self.linear(h)
 
@@ -266,14 +301,16 @@ class DITBackbone(nn.Module):
         self.output_layer = DDitFinalLayer(d, config.vocab_size, config.cond_dim, adaln)
         self.adaln = adaln
 
-    def conditioning(self, sigma: Tensor | None, batch: int, device: torch.device, time_conditioning: bool):
-        """c = SiLU(MLP(emb(σ))); without time conditioning σ ≡ 0 and c is one constant row (broadcast)."""
+    def conditioning(
+        self, sigma: Tensor | None, batch: int, device: torch.device, time_conditioning: bool,
+        length: int | None = None,
+    ) -> Tensor | None:
+        """c = SiLU(MLP(emb(σ))): (B, cond) for σ (B,), (B, N, cond) for per-token σ (B, N) (``length`` = N);
+        without time conditioning σ ≡ 0 and c is one constant row (1, cond) (broadcast)."""
         if not self.adaln:
             return None
         if time_conditioning and sigma is not None:
-            sigma = sigma.reshape(-1)
-            if sigma.numel() != batch:
-                raise ValueError(f"timesteps must have shape ({batch},); got {tuple(sigma.shape)}")
+            check_timesteps(sigma, batch, length)
         else:
             sigma = torch.zeros(1, device=device)
         return F.silu(self.sigma_map(sigma))

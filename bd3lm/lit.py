@@ -58,6 +58,7 @@ class TrainSettings:
     search_batches: int = 4
     clip_widths: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
     var_min: bool = True
+    cedd_weight: str = "one"
     log_dir: str | None = None
     init_eval: dict = field(default_factory=dict)
 
@@ -184,8 +185,9 @@ class BD3LMLit(L.LightningModule):
         self._record_rank_info()
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        from bd3lm.objectives import loss
+        from bd3lm.objectives import is_score_family, loss
 
+        extra = {"cedd_weight": self.settings.cedd_weight} if is_score_family(self.model) else {}
         out = loss(
             self.model,
             batch,
@@ -193,6 +195,7 @@ class BD3LMLit(L.LightningModule):
             interval=self.interval(),
             generator=self.noise_gen,
             ignore_first=bool(self.model.config.ignore_bos),
+            **extra,
         )
         self.batches_seen += 1
         self.log("train/loss", out.loss.detach(), on_step=True, prog_bar=True)

@@ -12,6 +12,11 @@ Forward contract (Arriola et al. 2025, §3.2):
 - a plain input of length ``≤ L`` is the sampling pass under the block-causal mask (causal for AR models);
 - with ``kv_cache=`` the input is the newest tokens only: their queries attend to the cached clean prefix and
   to themselves (block-causally), and their keys/values are written into the cache (see :mod:`bd3lm.cache`).
+
+Time conditioning (``config.time_conditioning``): ``timesteps`` is one σ per sequence (B,) or one σ per input
+token (B, N). Block diffusion has one noise level per block (Arriola et al. 2025, §3.2), so a time-conditioned
+two-stream pass gets the σ of each token's block on the x_t half and σ = 0 on the clean x_0 half, and a cached
+call gets 0 on the clean prefix it feeds and the noisy block's σ on that block.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from transformers.utils import ModelOutput
 
 from bd3lm.cache import KVCache
 from bd3lm.checkpoint import check_checkpoint_dir
-from bd3lm.dit import DITBackbone
+from bd3lm.dit import DITBackbone, check_timesteps, keep_rows
+from bd3lm.graphs import check_family
 from bd3lm.kernels import StructuredMask, resolve_backend
 
 
@@ -41,6 +47,11 @@ class BD3LMConfig(PretrainedConfig):
     ``attn_backend=None`` chooses automatically (see :func:`bd3lm.kernels.resolve_backend`).
     ``ignore_bos`` (not an official field): the model was trained with position 0 clean and not in the loss (the
     official ``algo.ignore_bos``); :func:`bd3lm.evaluation.likelihood` then leaves it out of the bound too.
+    ``graph`` / ``loss`` / ``p_m`` / ``noise_schedule`` (not official fields; the defaults are the official
+    model's): the forward process (:mod:`bd3lm.graphs`: absorbing, uniform, roulette with ``p_m``), what the
+    output means and how it was trained (``subs`` = MDLM/BD3-LM logits, ``score_entropy`` = SEDD log-scores,
+    ``cedd`` = clean-token logits trained by cross-entropy; :mod:`bd3lm.score_objectives`) and the noise schedule
+    the samplers use by default.
     """
 
     model_type = "bd3lm"
@@ -63,9 +74,14 @@ class BD3LMConfig(PretrainedConfig):
     sampling_eps_max: float = 0.999
     mask_token_id: int | None = None
     ignore_bos: bool = False
+    graph: str = "absorbing"
+    loss: str = "subs"
+    p_m: float | None = None
+    noise_schedule: str = "loglinear"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        check_family(self.graph, self.loss, self.p_m)
         for name in ("block_size", "vocab_size", "model_length", "hidden_dim", "cond_dim", "n_blocks", "n_heads"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -202,7 +218,9 @@ class BD3LM(PreTrainedModel):
 
         Args:
             input_ids: (B, N) token ids.
-            timesteps: optional (B,) σ values; used only when ``config.time_conditioning``.
+            timesteps: optional σ values, one per sequence (B,) or one per input token (B, N) (e.g. each block's σ
+                on the x_t half and 0 on the clean half of a two-stream input); used only when
+                ``config.time_conditioning``. Per-token σ in the cached mode runs the unfolded blocks.
             two_stream: force (True) or forbid (False) the two-stream pass; ``None`` infers it from
                 ``N == 2 * model_length`` on cross-attention models.
             kv_cache: cached mode; ``positions`` (B, N) rotary positions of the new tokens are then required, and
@@ -230,6 +248,8 @@ class BD3LM(PreTrainedModel):
         cfg = self.config
         bsz, n_in = input_ids.shape
         L = cfg.model_length
+        if timesteps is not None:
+            check_timesteps(timesteps, bsz, n_in)
         if kv_cache is not None:
             if positions is None:
                 raise ValueError("the cached forward needs positions (B, N) of the new tokens")
@@ -288,7 +308,7 @@ class BD3LM(PreTrainedModel):
                 kv_cache.constants["folded"] = folded
             c = None
         else:
-            c = bb.conditioning(timesteps, bsz, input_ids.device, cfg.time_conditioning)
+            c = bb.conditioning(timesteps, bsz, input_ids.device, cfg.time_conditioning, n_in)
         rotary = bb.rotary_emb.cos_sin(positions)
         hidden = [x] if output_hidden_states else None
         last = len(bb.blocks) - 1
@@ -305,19 +325,25 @@ class BD3LM(PreTrainedModel):
                 x = block(x, c, rotary, layer_mask, backend, n_keep=keep, cache=kv_cache, layer=i)
             if hidden is not None:
                 hidden.append(x)
+        # a per-token c (B, N, cond) follows every row restriction of x; a per-sequence one (B or 1, cond) is kept
+        c = keep_rows(c, out_index if kv_cache is not None else n_keep)
         if logits_mask is not None:
             if logits_mask.shape != x.shape[:2]:
                 raise ValueError(f"logits_mask must have shape {tuple(x.shape[:2])}; got {tuple(logits_mask.shape)}")
             rows = logits_mask.nonzero(as_tuple=True)
             x = x[rows]
-            if c is not None and c.shape[0] > 1:
+            if c is not None and c.dim() == 3:
+                c = c.expand(-1, logits_mask.shape[1], -1)[rows]
+            elif c is not None and c.shape[0] > 1:
                 c = c[rows[0]]
         elif kv_cache is not None and out_index is not None:
             pass  # the last layer returned the kept positions only
         elif logits_index is not None:
             x = x.gather(1, logits_index[:, :, None].expand(-1, -1, x.shape[-1]))
+            c = keep_rows(c, logits_index)
         elif logits_to_keep > 0:
             x = x[:, -logits_to_keep:]
+            c = c if c is None or c.dim() == 2 else c[:, -logits_to_keep:]
         logits = bb.output_layer(x, c, None if folded is None else folded[-1])
         return BD3LMOutput(logits=logits, hidden_states=tuple(hidden) if hidden is not None else None)
 

@@ -13,6 +13,9 @@ Block diffusion NELBO (Arriola et al. 2025, eq. 8; MDLM's continuous-time bound 
 - clipped intervals [β, ω] ≠ [0, 1] also constrain each block's masked fraction to the interval, drawn exactly
   (no rejection loop, see :func:`bd3lm.noise.sample_mask`); the weight is not changed (as in the paper, the clipped
   objective is a training device: evaluation uses the full range);
+- time conditioning (``config.time_conditioning``): one noise level per block (BD3-LM, Arriola et al. 2025, §3.2),
+  so the network gets one σ per input token: σ(t_b) on the tokens of x_t's block b, and σ = 0 on the clean x_0
+  stream of the two-stream input (it is clean); a single block (MDLM) passes one σ per sequence;
 - ``interval=(1, 1)`` masks every token with weight 1 (``∫ w(t)(1-α_t) dt = α_0 - α_1 = 1``): with block size 1 this
   is exactly the AR log-likelihood of the two-stream network.
 
@@ -81,6 +84,14 @@ def masked_cross_entropy(logits: Tensor, targets: Tensor, mask_index: int) -> Te
     return F.cross_entropy(logits, targets, reduction="none")
 
 
+def block_timesteps(sched: NoiseSchedule, t: Tensor, block_size: int) -> Tensor:
+    """Per-token σ (B, 2n) of a two-stream input ``cat([x_t, x_0])`` for per-block times ``t`` (B, n_blocks):
+    σ(t_b) on x_t's block b and 0 on the clean x_0 half (BD3-LM: one noise level per block, the clean stream is
+    at σ = 0)."""
+    sigma = sched.sigma(t).float().repeat_interleave(block_size, dim=1)
+    return torch.cat([sigma, torch.zeros_like(sigma)], dim=1)
+
+
 def diffusion_loss(
     model,
     x0: Tensor,
@@ -95,7 +106,8 @@ def diffusion_loss(
     """Monte-Carlo estimate of L_BD (eq. above) for a batch of clean sequences ``x0`` (B, L).
 
     Args:
-        model: a :class:`bd3lm.BD3LM` (two-stream when ``block_size < L``; a plain pass when ``block_size >= L``).
+        model: a :class:`bd3lm.BD3LM` (two-stream when ``block_size < L``; a plain pass when ``block_size >= L``);
+            a time-conditioned model gets per-token σ (:func:`block_timesteps`) when there is more than one block.
         schedule: noise schedule name or object.
         interval: [β, ω] ⊆ [0, 1] for t; a strict sub-interval of [1e-3, 1] also clips masked fractions.
         t: optional explicit (B, n_blocks) noise levels (overrides ``interval`` sampling; no clipping).
@@ -140,16 +152,13 @@ def diffusion_loss(
         masked[:, 0] = False
     x_t = torch.where(masked, torch.full_like(x0, cfg.mask_index), x0)
 
-    timesteps = None
-    if cfg.time_conditioning:
-        if n_blocks > 1:
-            raise ValueError("time_conditioning needs one noise level per sequence (block_size = model_length)")
-        timesteps = sched.sigma(t[:, 0])
     if bs >= n or not cfg.cross_attn:
         if bs < n:
             raise ValueError(f"block_size {bs} < length {n} needs a cross_attn (two-stream) model")
+        timesteps = sched.sigma(t[:, 0]) if cfg.time_conditioning else None
         out = model(input_ids=x_t, timesteps=timesteps, logits_mask=masked)
     else:
+        timesteps = block_timesteps(sched, t, bs) if cfg.time_conditioning else None
         out = model(input_ids=torch.cat([x_t, x0], 1), timesteps=timesteps, logits_mask=masked, two_stream=True)
     ce = masked_cross_entropy(out.logits, x0[masked], cfg.mask_index)
     weight = torch.ones_like(t) if all_masked else sched.weight(t.clamp_min(1e-12))
@@ -187,10 +196,22 @@ def ar_loss(model, x0: Tensor) -> LossOutput:
     )
 
 
+def is_score_family(model) -> bool:
+    """True for a model of the score-entropy family other than MDLM/BD3-LM itself (``loss`` score_entropy or
+    cedd, or a non-absorbing graph): its loss and bound are :mod:`bd3lm.score_objectives`."""
+    cfg = model.config
+    return not cfg.causal and (getattr(cfg, "loss", "subs") or "subs") != "subs"
+
+
 def loss(model, x0: Tensor, **kw) -> LossOutput:
-    """The training loss of ``model``: :func:`ar_loss` for causal models, else :func:`diffusion_loss`."""
+    """The training loss of ``model``: :func:`ar_loss` for causal models, :func:`bd3lm.score_objectives.score_loss`
+    for SEDD / CEDD models, else :func:`diffusion_loss`."""
     if model.config.causal:
         return ar_loss(model, x0)
+    if is_score_family(model):
+        from bd3lm.score_objectives import score_loss
+
+        return score_loss(model, x0, **kw)
     return diffusion_loss(model, x0, **kw)
 
 
@@ -213,7 +234,9 @@ def exact_nll(model, x0: Tensor, *, ignore_first: bool = False) -> Tensor:
 
 def has_exact_nll(model) -> bool:
     """True when :func:`exact_nll` applies: causal (AR) models and BD3-LM at block size 1 (time-independent)."""
-    return bool(model.config.causal) or (model.config.block_size == 1 and not model.config.time_conditioning)
+    cfg = model.config
+    absorbing = (getattr(cfg, "graph", "absorbing") or "absorbing") == "absorbing"
+    return bool(cfg.causal) or (cfg.block_size == 1 and not cfg.time_conditioning and absorbing)
 
 
 @torch.no_grad()
@@ -227,6 +250,7 @@ def nelbo(
     ignore_first: bool = False,
     t_min: float = 0.0,
     exact: bool | None = None,
+    estimator: str | None = None,
 ) -> Tensor:
     """Each sequence's NELBO in nats, shape (B,): an unbiased estimate of L_BD averaged over ``num_samples`` draws.
 
@@ -238,6 +262,9 @@ def nelbo(
     ``exact`` (default: where available, see :func:`has_exact_nll`) returns the exact NLL in one forward instead:
     always for causal (AR) models (positions 1..L-1), and for BD3-LM at block size 1.
     ``ignore_first``: position 0 is clean context and not counted (see the module docstring).
+    ``estimator``: ``"j1"`` / ``"j2"`` evaluates the score-entropy bounds of :func:`bd3lm.score_objectives.score_bound`
+    (any graph and loss; on the absorbing graph J1 of an MDLM network equals this NELBO); ``None`` = this NELBO
+    for MDLM/BD3-LM networks and J1 for the SEDD/CEDD family (integrated over ``[t_min, 1]``).
     """
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be an integer >= 1; got {num_samples!r}")
@@ -246,9 +273,14 @@ def nelbo(
     if torch.is_floating_point(input_ids):
         raise ValueError(f"input_ids must hold integer token ids; got dtype {input_ids.dtype}")
     if exact is None:
-        exact = has_exact_nll(model)
+        exact = has_exact_nll(model) and estimator is None
     if exact:
         return exact_nll(model, input_ids, ignore_first=ignore_first)
+    if estimator is not None or is_score_family(model):
+        from bd3lm.score_objectives import score_bound
+
+        return score_bound(model, input_ids, estimator=estimator or "j1", num_samples=num_samples,
+                           generator=generator, schedule=schedule, ignore_first=ignore_first, t_min=t_min).float()
     bsz, n = _check_batch(model, input_ids)
     bs = model.config.block_size
     if n % bs:

@@ -48,7 +48,8 @@ def run_ppl(cfg: DictConfig) -> dict:
     log(f"eval.ppl: {chunks.shape[0]} chunks of {chunks.shape[1]} tokens from {source}")
     res = likelihood(model, chunks, protocol=protocol, num_samples=k, ignore_first=cfg.ignore_first,
                      t_min=cfg.t_min, exact=cfg.exact, max_sequences=cfg.max_sequences,
-                     batch_size=int(cfg.batch_size), seed=int(cfg.seed))
+                     batch_size=int(cfg.batch_size), seed=int(cfg.seed),
+                     estimator=None if cfg.get("estimator") is None else str(cfg.estimator))
     out = {"checkpoint": str(ckpt), "dataset": source, "block_size": model.config.block_size, **res.to_dict()}
     print(res.describe())
     if cfg.output:

@@ -282,6 +282,9 @@ BAD_CASES = {
     "length not a multiple of block size": lambda d: ["experiment=smoke", "model.length=66"],
     "unwritable run dir": lambda d: ["experiment=smoke", f"run_dir={d / 'a_file' / 'run'}"],
     "corrupt checkpoint": lambda d: ["experiment=smoke", f"run_dir={d / 'corrupt'}"],
+    "unknown graph": lambda d: ["experiment=smoke", "algo=sedd", "algo.graph=ring"],
+    "graph/loss pair that does not exist": lambda d: ["experiment=smoke", "algo.graph=uniform"],
+    "roulette p_m outside [0, 1]": lambda d: ["experiment=smoke", "algo=cedd", "algo.graph=roulette", "algo.p_m=1.5"],
 }
 EXPECTED = {
     "missing data file": "not found",
@@ -292,6 +295,9 @@ EXPECTED = {
     "length not a multiple of block size": "multiple",
     "unwritable run dir": "not writable",
     "corrupt checkpoint": "corrupt",
+    "unknown graph": "unknown graph 'ring'",
+    "graph/loss pair that does not exist": "absorbing graph only",
+    "roulette p_m outside [0, 1]": "p_m must be a number in",
 }
 
 

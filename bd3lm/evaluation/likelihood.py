@@ -117,7 +117,8 @@ def likelihood(
     max_sequences: int | None = None,
     batch_size: int = 16,
     seed: int = 0,
-    schedule: str = "loglinear",
+    schedule: str | None = None,
+    estimator: str | None = None,
 ) -> LikelihoodResult:
     """NELBO perplexity bound of ``model`` on ``chunks`` (N, model_length) under ``protocol``.
 
@@ -129,7 +130,14 @@ def likelihood(
         exact: use the exact NLL where it exists (default: where available).
         max_sequences: evaluate only the first this many chunks.
         batch_size: sequences per forward. seed: the Monte-Carlo stream.
+        schedule: noise schedule of the time integral (default: the model's ``noise_schedule``).
+        estimator: ``None`` (the NELBO; J1 for SEDD/CEDD models), ``"j1"`` or ``"j2"``
+            (:func:`bd3lm.score_objectives.score_bound`).
     """
+    if estimator not in (None, "j1", "j2"):
+        raise ValueError(f"estimator must be j1, j2 or None; got {estimator!r}")
+    if schedule is None:
+        schedule = getattr(model.config, "noise_schedule", None) or "loglinear"
     if isinstance(protocol, str):
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}; got {protocol!r}")
@@ -145,7 +153,7 @@ def likelihood(
     first = protocol.ignore_first if ignore_first is None else ignore_first
     first = bool(model.config.ignore_bos) if first is None else bool(first)
     lo = float(protocol.t_min if t_min is None else t_min)
-    use_exact = has_exact_nll(model) if exact is None else bool(exact)
+    use_exact = (has_exact_nll(model) and estimator is None) if exact is None else bool(exact)
     if use_exact and not has_exact_nll(model):
         raise ValueError(f"exact NLL needs a causal model or block_size 1; got block_size {model.config.block_size}")
     # an AR model never predicts position 0, whatever the protocol says
@@ -161,7 +169,7 @@ def likelihood(
         for i in range(0, chunks.shape[0], batch_size):
             x0 = chunks[i : i + batch_size].to(device)
             nll = nelbo(model, x0, num_samples=k, generator=gen, schedule=schedule, ignore_first=first,
-                        t_min=lo, exact=use_exact)
+                        t_min=lo, exact=use_exact, estimator=estimator)
             per_seq.append(nll.double().cpu() / counted)
     finally:
         model.train(was_training)
