@@ -1,7 +1,8 @@
 """Generate text with a trained BD3-LM checkpoint (Hydra CLI over :func:`bd3lm.sampling.generate`).
 
     python generate.py checkpoint=DIR [prompt="text" | prompts_file=FILE] num_samples=N max_new_tokens=N \\
-        sampler=first_hitting|ddpm|confidence steps=... threshold=... temperature=... top_k=... top_p=... \\
+        sampler=first_hitting|ddpm|confidence|analytic|euler steps=... [suffix=TEXT] threshold=... \\
+        temperature=... top_k=... top_p=... \\
         top_p_rule=hf|official seed=... output=FILE.jsonl
 
 The model is ``BD3LM.from_pretrained(DIR)`` and the tokenizer ``AutoTokenizer.from_pretrained(DIR)`` (the
@@ -202,8 +203,15 @@ def run(cfg: DictConfig) -> int:
             input_ids.append(torch.tensor(([bos] if bos is not None else []) + ids, dtype=torch.long))
         shown_prompts = [p for p in prompts for _ in range(n_samples)]
     stop = tok.eos_token_id if cfg.stop_at_eos and tok.eos_token_id is not None else None
+    suffix_text = cfg.get("suffix")
+    suffix = None
+    if suffix_text is not None:
+        suffix = tok(str(suffix_text), add_special_tokens=False)["input_ids"]
+        if not suffix:
+            raise CLIError("suffix is empty; omit suffix= to continue the prompt instead of infilling")
+        stop = None  # the span's length is fixed by the suffix's position
 
-    display = Display(tok, len(shown_prompts), shown_prompts, enabled=bool(cfg.stream))
+    display = Display(tok, len(shown_prompts), shown_prompts, enabled=bool(cfg.stream) and suffix is None)
     try:
         result = generate(
             model,
@@ -226,12 +234,19 @@ def run(cfg: DictConfig) -> int:
             num_samples=n_samples,
             on_block=display.on_block,
             bos_token_id=bos,
+            suffix=suffix,
         )
     except BaseException:
         if display.live is not None:
             display.live.stop()
         raise
     display.finish(result.stop_reasons)
+    n_suffix = 0 if suffix is None else len(suffix)
+    if suffix is not None and cfg.stream:
+        for i, seq in enumerate(result.sequences):
+            end = len(seq) - n_suffix
+            span = tok.decode(seq[end - result.num_new_tokens[i] : end].tolist(), skip_special_tokens=True)
+            print(f"[{i}] {shown_prompts[i] or ''}[{span}]{suffix_text}")
 
     if cfg.output is not None:
         out = Path(str(cfg.output))
@@ -240,16 +255,20 @@ def run(cfg: DictConfig) -> int:
         with out.open("w", encoding="utf-8") as fh:
             for i, seq in enumerate(result.sequences):
                 n_new = result.num_new_tokens[i]
-                new_ids = seq[len(seq) - n_new :].tolist()
+                end = len(seq) - n_suffix
+                new_ids = seq[end - n_new : end].tolist()
                 record = {
                     "index": i,
                     "prompt": shown_prompts[i],
                     "text": tok.decode(new_ids, skip_special_tokens=True),
                     "token_ids": new_ids,
-                    "prompt_ids": seq[: len(seq) - n_new].tolist(),
+                    "prompt_ids": seq[: end - n_new].tolist(),
                     "stop_reason": result.stop_reasons[i],
                     "nfe": result.nfe_per_sequence[i],
                 }
+                if suffix is not None:
+                    record["suffix"] = str(suffix_text)
+                    record["suffix_ids"] = seq[end:].tolist()
                 fh.write(json.dumps(record, ensure_ascii=False) + "\n")
     total = sum(result.num_new_tokens)
     print(

@@ -719,7 +719,7 @@ def test_temperature_zero_is_argmax_and_mask_is_never_sampled():
         (dict(window=32), "window 32 exceeds the model's training length model_length=16"),
         (dict(window_stride=6), "window_stride 6 must be a multiple of the block size 4"),
         (dict(sampler="beam"), "unknown sampler 'beam'"),
-        (dict(sampler="first_hitting", steps=3), "steps=3 applies only to sampler='ddpm'"),
+        (dict(sampler="first_hitting", steps=3), "steps=3 applies only to sampler ddpm, analytic or euler"),
         (dict(sampler="ddpm", steps=0), "steps must be a positive integer; got 0"),
         (dict(streaming=True, kv_cache=False), "streaming=True keeps stale cache entries"),
         (dict(input_ids=[torch.tensor([1, 32])]), "prompt 0 contains the mask token id 32"),

@@ -24,8 +24,14 @@ and by 1.5 windows in streaming (which drops its oldest columns half a window at
 (logits at i predict token i + 1); the call that predicts a token also commits the token before it.
 
 **Limits.** The window W is at most ``model_length`` and a multiple of L', so an MDLM-like model (L' = L) sees
-only its current block past the first window. Time-conditioned checkpoints are run with sigma = 0 (the official
-sampler also zeroes sigma), since the clean prefix's keys/values cannot depend on a block's time.
+only its current block past the first window. The absorbing rules run time-conditioned checkpoints with sigma = 0
+(the official sampler also zeroes sigma); the rewriting rules of the score family
+(:mod:`bd3lm.sampling.score_rules`) pass their step's sigma on the noisy block and 0 on the clean columns, so the
+cached prefix's keys/values never depend on a block's time.
+
+**Rewriting rules** (``rule.rewrites``: SEDD's analytic and Euler predictors, any graph) start the block's free
+positions at the graph's limit and update all of them at each of ``rule.n_calls`` calls, instead of revealing
+masked positions one by one.
 
 **NFE** = number of network calls over the active batch. Finished rows leave the batch at once, so a call costs
 what the active rows cost.
@@ -77,6 +83,7 @@ class BlockEngine:
         self.ar = bool(cfg.causal)
         self.bs = 1 if self.ar else int(cfg.block_size)
         self.mask = int(cfg.mask_index)
+        self.time_cond = bool(getattr(cfg, "time_conditioning", False))
         self.rule, self.sampler, self.stopping = rule, sampler, stopping
         self.on_logits = on_logits
         self.dev = next(model.parameters()).device
@@ -143,8 +150,23 @@ class BlockEngine:
             self.cache.prepare(ws, in_end, int(torch.minimum(ws, ws_clean).min()))
         return ws_clean
 
+    def _timesteps(self, inp: Tensor, n_noisy: int, sigma: float | None) -> Tensor | None:
+        """Per-token σ for a time-conditioned model (a rewriting rule's σ on the last ``n_noisy`` inputs, 0 on the
+        clean columns before them); ``None`` otherwise (the network then runs with σ = 0, folded)."""
+        if sigma is None or not self.time_cond:
+            return None
+        ts = torch.zeros(inp.shape, dtype=torch.float32, device=inp.device)
+        ts[:, inp.shape[1] - n_noisy :] = sigma
+        return ts
+
     def _cached_forward(
-        self, x: Tensor | None, ws: Tensor, n_out: int, ws_clean: Tensor, positions: Tensor | None
+        self,
+        x: Tensor | None,
+        ws: Tensor,
+        n_out: int,
+        ws_clean: Tensor,
+        positions: Tensor | None,
+        sigma: float | None = None,
     ) -> Tensor:
         """One cached call on the clean columns ``[end, cur)`` not cached yet, followed by ``x`` (a noisy block;
         ``None`` for AR); commits the clean columns and returns the last ``n_out`` logits (B, n_out, V).
@@ -167,11 +189,14 @@ class BlockEngine:
             idx = torch.arange(n, device=self.dev)
             mask[:, idx, start - c0 + idx] = True  # a query in a pad column attends itself only
         out = dict(logits_to_keep=n_out) if positions is None else dict(logits_index=positions + n - n_out)
-        logits = self._call(input_ids=inp, kv_cache=cp.cache, positions=pos, attention_mask=mask, **out)
+        ts = self._timesteps(inp, 0 if x is None else x.shape[1], sigma)
+        logits = self._call(input_ids=inp, kv_cache=cp.cache, positions=pos, attention_mask=mask, timesteps=ts, **out)
         cp.commit(self.cur - start)  # the clean columns; x's slots are rewritten by the next call
         return logits
 
-    def _plain_forward(self, x: Tensor | None, ws: Tensor, n_out: int, positions: Tensor | None) -> Tensor:
+    def _plain_forward(
+        self, x: Tensor | None, ws: Tensor, n_out: int, positions: Tensor | None, sigma: float | None = None
+    ) -> Tensor:
         """Reference without cache: the whole window (buffer columns + ``x``) recomputed from scratch."""
         c0 = int(ws.min())
         pre = self._prefix(c0)
@@ -181,21 +206,30 @@ class BlockEngine:
         cols = torch.arange(c0, c0 + n, device=self.dev)
         pos = (cols[None, :] - ws_d[:, None]).clamp(min=0)
         keys = cols[None, :] >= ws_d[:, None]
+        ts = self._timesteps(inp, 0 if x is None else x.shape[1], sigma)
         if positions is not None:
-            return self._call(input_ids=inp, positions=pos, attention_mask=keys, logits_index=positions + n - n_out)
+            return self._call(input_ids=inp, positions=pos, attention_mask=keys, logits_index=positions + n - n_out,
+                              timesteps=ts)
         rows = torch.zeros(inp.shape, dtype=torch.bool, device=self.dev)
         rows[:, n - n_out :] = True
-        logits = self._call(input_ids=inp, positions=pos, attention_mask=keys, logits_mask=rows)
+        logits = self._call(input_ids=inp, positions=pos, attention_mask=keys, logits_mask=rows, timesteps=ts)
         return logits.view(inp.shape[0], n_out, -1)
 
     def _forward(
-        self, x: Tensor | None, ws: Tensor, n_out: int, ws_clean: Tensor, positions: Tensor | None = None
+        self,
+        x: Tensor | None,
+        ws: Tensor,
+        n_out: int,
+        ws_clean: Tensor,
+        positions: Tensor | None = None,
+        sigma: float | None = None,
     ) -> Tensor:
-        """Logits (B, n_out, V) of the last ``n_out`` inputs, or (B, k, V) at ``positions`` (B, k) among them."""
+        """Logits (B, n_out, V) of the last ``n_out`` inputs, or (B, k, V) at ``positions`` (B, k) among them;
+        ``sigma``: the noisy block's σ for a time-conditioned model (rewriting rules)."""
         if self.cache is None:
-            logits = self._plain_forward(x, ws, n_out, positions)
+            logits = self._plain_forward(x, ws, n_out, positions, sigma)
         else:
-            logits = self._cached_forward(x, ws, n_out, ws_clean, positions)
+            logits = self._cached_forward(x, ws, n_out, ws_clean, positions, sigma)
         if self.on_logits is not None:
             self.on_logits(list(self.ids), logits)
         return logits
@@ -236,6 +270,13 @@ class BlockEngine:
         lo_d, hi_d = (torch.tensor(v, dtype=torch.long, device=dev) for v in (lo, hi))
         todo = (ar[None, :] >= lo_d[:, None]) & (ar[None, :] < hi_d[:, None])
         rule, sampler = self.rule, self.sampler
+        if getattr(rule, "rewrites", False):  # score-family rules rewrite every free position at each call
+            free = ar[None, :] >= lo_d[:, None]
+            x = rule.init_block(x, free, sampler)
+            for k in range(rule.n_calls):
+                x = rule.update(self._forward(x, ws, bs, ws_clean, sigma=rule.timestep(k)), x, free, k, sampler)
+            self._finish_block(x, lo, hi)
+            return
         rule.start_block(todo)
 
         def denoise(x: Tensor, todo: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -265,6 +306,11 @@ class BlockEngine:
                     todo, stale = todo & ~reveal, True
                 elif positions is not None:  # positions were drawn for this step only
                     stale = True
+        self._finish_block(x, lo, hi)
+
+    def _finish_block(self, x: Tensor, lo: list[int], hi: list[int]) -> None:
+        """Record the finished block, drop finished rows, move to the next block (whose first call commits it)."""
+        dev, bs = self.dev, self.bs
         keep = self.stopping.record(self.ids, x, lo, hi, self.nfe)
         if not all(keep):
             x = x[torch.tensor(keep, device=dev)]

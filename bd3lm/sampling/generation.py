@@ -14,9 +14,10 @@ import torch
 from torch import Tensor
 
 from bd3lm.sampling.engine import BlockEngine
+from bd3lm.sampling.infill import check_infill, infill
 from bd3lm.sampling.layout import default_stride
 from bd3lm.sampling.processing import TokenSampler, check_sampling_args
-from bd3lm.sampling.registry import make_rule
+from bd3lm.sampling.registry import resolve_rule
 from bd3lm.sampling.rules import BlockRule
 from bd3lm.sampling.stopping import Stopping
 
@@ -91,7 +92,7 @@ def generate(
     input_ids: Tensor | Sequence[Tensor] | Sequence[Sequence[int]] | None = None,
     max_new_tokens: int | None = None,
     *,
-    sampler: str | BlockRule = "first_hitting",
+    sampler: str | BlockRule | None = None,
     steps: int | None = None,
     threshold: float | None = None,
     temperature: float = 1.0,
@@ -109,6 +110,7 @@ def generate(
     on_block: Callable[[int, Tensor], None] | None = None,
     bos_token_id: int | None = None,
     on_logits: Callable[[list[int], Tensor], None] | None = None,
+    suffix: Tensor | Sequence[int] | None = None,
 ) -> GenerationResult:
     """Generate continuations with a BD3-LM (or its AR / MDLM limits) — see the module docstring.
 
@@ -117,9 +119,12 @@ def generate(
         input_ids: ``None`` (unconditional: an empty prompt, or ``[bos_token_id]``), a (B, P) tensor, a 1-D
             tensor, or a list of 1-D tensors / lists of ids of different lengths.
         max_new_tokens: generated tokens per sequence (default ``model_length``).
-        sampler: ``"first_hitting"``, ``"ddpm"``, ``"confidence"`` or a :class:`BlockRule`; ignored by AR
-        models.
-        steps: DDPM steps per block (default L'). threshold: confidence threshold tau in (0, 1] (default 0.9).
+        sampler: ``"first_hitting"``, ``"ddpm"``, ``"confidence"`` (absorbing graph), ``"analytic"``,
+            ``"euler"`` (SEDD's predictors, any graph; :mod:`bd3lm.sampling.score_rules`) or a
+            :class:`BlockRule`; ignored by AR models. ``None``: first_hitting on the absorbing graph, else
+            analytic.
+        steps: steps per block of ddpm / analytic / euler (default L'; the score rules add one denoiser call).
+            threshold: confidence threshold tau in (0, 1] (default 0.9).
         temperature: 0 = greedy. top_k: 0 = off. top_p: nucleus mass in (0, 1] (1 = off).
         top_p_rule: ``"hf"`` (default, Hugging Face convention: the token that crosses ``top_p`` is kept) or
             ``"official"`` (the BD3-LM code's rule: the token that crosses ``top_p`` is dropped); see
@@ -143,6 +148,9 @@ def generate(
         bos_token_id: prompt of unconditional generation.
         on_logits: debug hook ``(seq_indices, logits (B, n, V))`` called with the raw logits of every
             denoising / next-token network call.
+        suffix: token ids that must follow the generated span (infilling, :mod:`bd3lm.sampling.infill`):
+            whole-sequence models only; every prompt is a prefix of the same length, ``max_new_tokens`` is the
+            span (default: what fills ``model_length``) and ``sequences`` are ``prefix + span + suffix``.
 
     Returns:
         :class:`GenerationResult`. Raises a one-line ``ValueError`` for invalid arguments.
@@ -151,11 +159,16 @@ def generate(
     ar = bool(cfg.causal)
     bs = 1 if ar else int(cfg.block_size)
     vocab, mask, length = int(cfg.vocab_size), int(cfg.mask_index), int(cfg.model_length)
+    if suffix is not None:
+        return _generate_infill(model, input_ids, suffix, max_new_tokens, sampler=sampler, steps=steps,
+                                threshold=threshold, temperature=temperature, top_k=top_k, top_p=top_p,
+                                top_p_rule=top_p_rule, seed=seed, num_samples=num_samples,
+                                bos_token_id=bos_token_id)
     max_new_tokens = length if max_new_tokens is None else max_new_tokens
     _check_int(max_new_tokens, "max_new_tokens", 1)
     _check_int(num_samples, "num_samples", 1)
     check_sampling_args(temperature, top_k, top_p, top_p_rule)
-    rule = make_rule(sampler, bs, steps, threshold)
+    rule = resolve_rule(model, sampler, bs, steps, threshold, temperature, top_k, top_p)
     window = length if window is None else window
     _check_int(window, "window", 1)
     if window % bs:
@@ -235,4 +248,50 @@ def generate(
         seconds=seconds,
         nfe_per_sequence=stopping.nfe_seq,
         num_new_tokens=list(stopping.count),
+    )
+
+
+def _generate_infill(
+    model, input_ids, suffix, max_new_tokens, *, sampler, steps, threshold, temperature, top_k, top_p, top_p_rule,
+    seed, num_samples, bos_token_id,
+) -> GenerationResult:
+    """:func:`generate` with a ``suffix``: fill the span between each prompt and the suffix (one block)."""
+    cfg = model.config
+    vocab, mask, length = int(cfg.vocab_size), int(cfg.mask_index), int(cfg.model_length)
+    _check_int(num_samples, "num_samples", 1)
+    check_sampling_args(temperature, top_k, top_p, top_p_rule)
+    suf = torch.as_tensor(suffix).detach()
+    if suf.dim() != 1 or suf.is_floating_point() or suf.is_complex():
+        raise ValueError(f"suffix must be a 1-D sequence of integer token ids; got {tuple(suf.shape)} {suf.dtype}")
+    prompts = _prompts(input_ids, num_samples, bos_token_id)
+    if len({len(p) for p in prompts}) > 1:
+        raise ValueError(f"infilling needs prefixes of one length; got lengths {sorted({len(p) for p in prompts})}")
+    for name, ids in (("prefix", torch.cat(prompts)), ("suffix", suf)):
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab or bool((ids == mask).any())):
+            raise ValueError(f"the {name} has a token id outside [0, {vocab}) or the mask id {mask}")
+    p_len = len(prompts[0])
+    span = length - p_len - len(suf) if max_new_tokens is None else max_new_tokens
+    _check_int(span, "max_new_tokens (the span to fill)", 1)
+    check_infill(model, p_len, span, len(suf))
+    rule = resolve_rule(model, sampler, length, steps, threshold, temperature, top_k, top_p)
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed))
+    token_sampler = TokenSampler(mask, temperature, top_k, top_p, gen, top_p_rule=top_p_rule)
+    prefix = torch.stack(prompts).to(device) if p_len else torch.zeros(len(prompts), 0, dtype=torch.long, device=device)
+    suffix_b = suf.to(device, torch.long)[None].expand(len(prompts), -1)
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            x, nfe = infill(model, prefix, suffix_b, span, rule, token_sampler)
+    finally:
+        model.train(was_training)
+    x = x.cpu()
+    seconds = time.perf_counter() - start
+    n = len(prompts)
+    return GenerationResult(
+        sequences=list(x), stop_reasons=["max_new_tokens"] * n, nfe=nfe, tokens_per_forward=n * span / max(nfe, 1),
+        seconds=seconds, nfe_per_sequence=[nfe] * n, num_new_tokens=[span] * n,
     )
