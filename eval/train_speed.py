@@ -8,9 +8,10 @@ Each variant x precision runs in its own child process (peak RSS is per process)
 line (a JSON object); with ``variant=`` set, this module measures that one variant in-process and writes nothing.
 ``bd3lm-official-like`` runs the output head and a full-vocabulary fp32 log-softmax on all 2L positions before
 gathering the masked ones (what the official code does); ``bd3lm`` runs the head on the masked x_t rows only;
-``mdlm`` is block size L without the x_0 stream; ``ar`` a causal transformer. A step is forward, backward and
-AdamW update; the median of ``steps`` timed steps after ``warmup`` untimed ones is reported, with training tokens
-per second (batch x length / median) and the process's peak RSS. Results print as a table and go to JSON
+``mdlm`` is block size L without the x_0 stream; ``ar`` a causal transformer; ``sedd-*`` / ``cedd-*`` are the
+score-entropy family at block size L with σ conditioning (:mod:`bd3lm.score_objectives`). A step is forward,
+backward and AdamW update; the median of ``steps`` timed steps after ``warmup`` untimed ones is reported, with
+training tokens per second (batch x length / median) and the process's peak RSS. Results print as a table and go to JSON
 ``output`` (``{"settings": ..., "rows": [...]}``, written atomically, with the environment record). Every key is
 documented in ``configs/eval/train_speed.yaml``. Bad input is one ``error:`` line on stderr and exit code 2.
 """
@@ -30,7 +31,11 @@ from omegaconf import DictConfig, ListConfig
 
 from eval.common import ROOT, CLIError, check_int, cli_main, log, write_json
 
-VARIANTS = ["bd3lm", "bd3lm-official-like", "mdlm", "ar"]
+VARIANTS = ["bd3lm", "bd3lm-official-like", "mdlm", "ar", "sedd-absorbing", "sedd-uniform", "cedd-absorbing",
+            "cedd-roulette"]
+#: The score-entropy family (whole-sequence, σ-conditioned, as SEDD): variant -> (graph, loss, p_m).
+FAMILY = {"sedd-absorbing": ("absorbing", "score_entropy", None), "sedd-uniform": ("uniform", "score_entropy", None),
+          "cedd-absorbing": ("absorbing", "cedd", None), "cedd-roulette": ("roulette", "cedd", 0.95)}
 PRECISIONS = ["fp32", "bf16"]
 #: The keys a child process needs (besides ``variant`` and ``precision``).
 SIZE_KEYS = ("length", "block_size", "layers", "dim", "vocab", "batch", "steps", "warmup", "threads")
@@ -83,6 +88,10 @@ def measure_step(s: dict[str, Any], variant: str, precision: str) -> dict[str, A
         config = bd3lm.BD3LMConfig(block_size=1, causal=True, cross_attn=False, adaln=False, **kw)
     elif variant == "mdlm":
         config = bd3lm.BD3LMConfig(block_size=length, cross_attn=False, **kw)
+    elif variant in FAMILY:
+        graph, loss_name, p_m = FAMILY[variant]
+        config = bd3lm.BD3LMConfig(block_size=length, cross_attn=False, time_conditioning=True, graph=graph,
+                                   loss=loss_name, p_m=p_m, **kw)
     else:
         config = bd3lm.BD3LMConfig(block_size=bs, **kw)
     model = bd3lm.BD3LM(config).train()
