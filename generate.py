@@ -232,7 +232,7 @@ def run(cfg: DictConfig) -> int:
             window_stride=cfg.window_stride,
             streaming=bool(cfg.streaming),
             num_samples=n_samples,
-            on_block=display.on_block,
+            on_block=display.on_block if suffix is None else None,
             bos_token_id=bos,
             suffix=suffix,
         )

@@ -10,7 +10,8 @@ mask ``m`` (SEDD convention, Lou et al. 2024 §3: ``Q[a, b]`` is the rate of jum
 with ``p_m = 1`` the absorbing graph (MDLM, SEDD-absorb), ``p_m = 0`` the uniform graph on the clean tokens (the
 mask state is then never reached; it stays in the tensors with probability 0), and ``0 < p_m < 1`` roulette.
 ``Q_abs U = U Q_abs = -U``: the parts commute, so with ``e_m = exp(-σ p_m)``, ``e_g = exp(-σ (1 - p_m))``
-the transition probabilities from a clean ``x_0`` are (closed forms of ``exp(σQ)``, valid for any real σ)::
+the transition probabilities from a clean ``x_0`` are (closed forms of ``exp(σQ)``, valid for any finite real σ;
+the ratio maps read σ > 0)::
 
     a = P(m | x_0) = 1 - e_m,   c = P(x_0 | x_0) = e_m (e_g + (1 - e_g) / N),   b = P(y | x_0) = e_m (1 - e_g) / N,
 
@@ -317,8 +318,8 @@ class Graph:
 
     def prior_kl(self, sigma_1: float) -> float:
         """``KL(p_{T|0} || π)`` per token at total noise ``sigma_1`` (0 at σ = ∞). Uniform: ``log N - H(c, b, …)``;
-        with a mask state the limit is a point mass, so the term is 0 only at σ = ∞ (and is left out otherwise,
-        as SEDD does; it is ``O(e^{-σ})``)."""
+        with a mask state the limit is a point mass, so the term is 0 only at σ = ∞ and infinite otherwise; it is
+        left out there, as SEDD does (the clean mass it stands for is ``e^{-σ p_m}``, tiny unless ``p_m`` is)."""
         if math.isinf(sigma_1) or self.uses_mask:
             return 0.0
         _, b, c = (float(v) for v in self.abc(torch.tensor(sigma_1, dtype=torch.float64)))

@@ -51,7 +51,10 @@ class LossOutput:
     nll_per_seq: Tensor
 
 
-def _schedule(schedule: str | NoiseSchedule) -> NoiseSchedule:
+def model_schedule(model, schedule: str | NoiseSchedule | None) -> NoiseSchedule:
+    """``schedule`` as an object; ``None`` = the model's ``config.noise_schedule`` (log-linear by default)."""
+    if schedule is None:
+        schedule = getattr(model.config, "noise_schedule", None) or "loglinear"
     return get_schedule(schedule) if isinstance(schedule, str) else schedule
 
 
@@ -96,7 +99,7 @@ def diffusion_loss(
     model,
     x0: Tensor,
     *,
-    schedule: str | NoiseSchedule = "loglinear",
+    schedule: str | NoiseSchedule | None = None,
     interval: tuple[float, float] = FULL_RANGE,
     t: Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -108,7 +111,7 @@ def diffusion_loss(
     Args:
         model: a :class:`bd3lm.BD3LM` (two-stream when ``block_size < L``; a plain pass when ``block_size >= L``);
             a time-conditioned model gets per-token σ (:func:`block_timesteps`) when there is more than one block.
-        schedule: noise schedule name or object.
+        schedule: noise schedule name or object (default: the model's ``config.noise_schedule``).
         interval: [β, ω] ⊆ [0, 1] for t; a strict sub-interval of [1e-3, 1] also clips masked fractions.
         t: optional explicit (B, n_blocks) noise levels (overrides ``interval`` sampling; no clipping).
         generator: random stream (per DDP rank).
@@ -125,7 +128,7 @@ def diffusion_loss(
         raise ValueError(f"clip interval [{beta}, {omega}] must lie in [0, 1]")
     if beta > omega:
         raise ValueError(f"clip interval [{beta}, {omega}] has beta > omega")
-    sched = _schedule(schedule)
+    sched = model_schedule(model, schedule)
     n_blocks = n // bs
     all_masked = t is None and beta >= 1.0
     if all_masked:
@@ -245,7 +248,7 @@ def nelbo(
     input_ids: Tensor,
     num_samples: int = 1,
     generator: torch.Generator | None = None,
-    schedule: str | NoiseSchedule = "loglinear",
+    schedule: str | NoiseSchedule | None = None,
     *,
     ignore_first: bool = False,
     t_min: float = 0.0,
@@ -276,6 +279,8 @@ def nelbo(
         exact = has_exact_nll(model) and estimator is None
     if exact:
         return exact_nll(model, input_ids, ignore_first=ignore_first)
+    if estimator is not None and model.config.causal:
+        raise ValueError(f"estimator={estimator!r} applies to diffusion models; an AR model's NLL is exact")
     if estimator is not None or is_score_family(model):
         from bd3lm.score_objectives import score_bound
 

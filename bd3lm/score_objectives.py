@@ -22,11 +22,12 @@ stream). Block size L is the whole-sequence model; the bound is the sum over blo
 
 Bounds (``nats`` per sequence, over the positions counted):
 
-- **J1** (SEDD): ``∫_{t_min}^1 σ' E Σ_i ℓ_i dt + KL(p_{1|0} || π)``, ℓ the score entropy *with* K;
-- **J2** (Haxholli et al. 2025): the same integrand *without* K, minus the deterministic outflow integral
-  ``∫ σ' E[-Q[x_t, x_t]] dt``, plus ``CE(p_1, π)``, minus ``H(p_{σ_lo|0})`` per token (σ_lo the total noise where
-  the integral starts; 0 for the full range): the same expectation as J1 for any model and any ``t_min`` (the
-  entropy-production identity; checked by enumeration in the tests), with the ``K`` term replaced by constants.
+- **J1** (SEDD): ``∫_{t_min}^{T} σ' E Σ_i ℓ_i dt + KL(p_{T|0} || π)``, ℓ the score entropy *with* K, with
+  ``T = 1 - 1e-6`` (σ(1) = ∞ on the log-linear schedule) and the KL left out on graphs with a mask state (SEDD);
+- **J2** (Haxholli et al. 2025): the same integrand *without* K, plus per token the value of the K term's
+  integral, ``H(p_{σ_hi|0}) - H(p_{σ_lo|0}) - ∫ σ' E[-Q[x_t, x_t]] dt`` (entropy production of the forward
+  process between the ends of the integral): the same expectation as J1 for any model and any ``t_min`` (checked
+  by enumeration in the tests), with the ``K`` term replaced by constants.
   Its variance is not always lower: with the mean parameterisation on the absorbing graph ``K`` cancels inside J1
   and J2's constants reappear as a ``log t / t`` term (see the tests and the README).
 
@@ -43,8 +44,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bd3lm.graphs import LOSSES, Graph, check_family, make_graph
-from bd3lm.noise import NoiseSchedule, get_schedule, sample_t
-from bd3lm.objectives import LossOutput, stratified_t
+from bd3lm.noise import NoiseSchedule, sample_t
+from bd3lm.objectives import LossOutput, model_schedule, stratified_t
 
 __all__ = ["CEDD_WEIGHTS", "LOSSES", "check_family", "graph_of", "model_ratios", "score_bound", "score_loss"]
 
@@ -124,9 +125,7 @@ def _noisy_pass(model, graph: Graph, x0: Tensor, t: Tensor, schedule: NoiseSched
     rows = (x_t == cfg.mask_index) if graph.absorbing else torch.ones_like(x0, dtype=torch.bool)
     if ignore_first:
         rows[:, 0] = False
-    timesteps = None
-    if cfg.time_conditioning:
-        timesteps = schedule.sigma(t_tok.clamp(max=1.0).to(torch.float32))
+    timesteps = sigma.float() if cfg.time_conditioning else None  # σ(t) itself, finite up to T_MAX
     two_stream = bs < n
     if two_stream:
         if not cfg.cross_attn:
@@ -175,7 +174,7 @@ def score_loss(
     model,
     x0: Tensor,
     *,
-    schedule: str | NoiseSchedule = "loglinear",
+    schedule: str | NoiseSchedule | None = None,
     interval: tuple[float, float] = (1e-3, 1.0),
     t: Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -183,7 +182,9 @@ def score_loss(
     ignore_first: bool = False,
     cedd_weight: str = "one",
 ) -> LossOutput:
-    """Training loss of a ``score_entropy`` or ``cedd`` model (see the module docstring); one t per block."""
+    """Training loss of a ``score_entropy`` or ``cedd`` model (see the module docstring); one t per block.
+    ``schedule`` defaults to the model's ``config.noise_schedule``; a time-conditioned network reads σ(t) itself
+    (not clamped: on the log-linear schedule it reaches σ(1 - 1e-6) ≈ 13.8)."""
     graph = graph_of(model)
     loss_kind = family(model)[1]
     if loss_kind == "subs":
@@ -192,7 +193,7 @@ def score_loss(
         )
     if cedd_weight not in CEDD_WEIGHTS:
         raise ValueError(f"unknown cedd_weight {cedd_weight!r}; expected one of {', '.join(CEDD_WEIGHTS)}")
-    sched = get_schedule(schedule) if isinstance(schedule, str) else schedule
+    sched = model_schedule(model, schedule)
     bsz, n, n_blocks = _check(model, x0)
     beta, omega = float(interval[0]), float(interval[1])
     if not (0.0 <= beta <= omega <= 1.0):
@@ -231,14 +232,15 @@ def score_bound(
     estimator: str = "j1",
     num_samples: int = 1,
     generator: torch.Generator | None = None,
-    schedule: str | NoiseSchedule = "loglinear",
+    schedule: str | NoiseSchedule | None = None,
     ignore_first: bool = False,
     t_min: float = 0.0,
 ) -> Tensor:
     """Each sequence's perplexity bound in nats (B,), J1 or J2 (module docstring), for any graph and loss.
 
-    t is stratified per sequence over its (draw, block) cells on ``[t_min, 1]``; the time integral is
-    ``(1 - t_min)`` times the average, so J1 and J2 integrate over the same range as their constants.
+    t is stratified per sequence over its (draw, block) cells on ``[t_min, 1]`` (clamped at ``T = 1 - 1e-6``); the
+    time integral is ``(1 - t_min)`` times the average, and both constants are taken at σ(t_min) and σ(T).
+    ``schedule`` defaults to the model's ``config.noise_schedule``.
     """
     if estimator not in ("j1", "j2"):
         raise ValueError(f"unknown estimator {estimator!r}; expected j1 or j2")
@@ -247,22 +249,16 @@ def score_bound(
     if not 0.0 <= float(t_min) < 1.0:
         raise ValueError(f"t_min must lie in [0, 1); got {t_min!r}")
     graph = graph_of(model)
-    sched = get_schedule(schedule) if isinstance(schedule, str) else schedule
+    sched = model_schedule(model, schedule)
     bsz, n, n_blocks = _check(model, x0)
-    s_lo, _ = sigma_and_rate(sched, torch.tensor([float(t_min)]))
-    s_hi = float(-torch.log(sched.alpha(torch.tensor([1.0], dtype=torch.float64))))
+    s_lo, s_hi = (float(v) for v in sigma_and_rate(sched, torch.tensor([float(t_min), 1.0]))[0])
     counted = n - 1 if ignore_first else n
+    # both integrate t over [t_min, T_MAX] (σ_hi = σ(T_MAX), finite); J1 adds KL(p_{σ_hi|0} || π) (0 with a mask
+    # state, as SEDD); J2 swaps ∫ σ' E Σ Q K(r) for its value H(p_{σ_hi|0}) - H(p_{σ_lo|0}) - outflow(σ_lo, σ_hi)
+    const = counted * graph.prior_kl(s_hi)
     if estimator == "j2":
-        if not graph.uses_mask and math.isinf(s_hi):
-            raise ValueError(
-                f"J2 on the uniform graph needs a finite total noise at t = 1; schedule {sched!r} has σ(1) = ∞ "
-                "(use schedule=geometric)"
-            )
-        s_lo = float(s_lo)
-        const = counted * (graph.prior_cross_entropy() - graph.outflow_integral(s_lo, s_hi)
-                           - graph.conditional_entropy(s_lo))
-    else:
-        const = counted * graph.prior_kl(s_hi)
+        const += counted * (graph.conditional_entropy(s_hi) - graph.conditional_entropy(s_lo)
+                            - graph.outflow_integral(s_lo, s_hi))
     cells = num_samples * n_blocks
     dev = generator.device if generator is not None else None
     u = torch.rand(bsz, cells, generator=generator, device=dev, dtype=torch.float64)

@@ -158,3 +158,30 @@ def test_infilling_bad_input() -> None:
         generate(uniform, torch.tensor([1]), 4, sampler="ddpm")
     with pytest.raises(ValueError, match="top_k"):
         generate(uniform, torch.tensor([1]), 4, top_k=5)
+
+
+def test_defaults_follow_the_model() -> None:
+    """A time-conditioned network samples with the analytic rule by default (σ reaches it), a time-agnostic
+    absorbing one with first-hitting; a rule instance re-reads the schedule of each model it is bound to; at
+    temperature 0 the score rules are deterministic."""
+    tc = _model("absorbing", "score_entropy", None, time_conditioning=True)
+    agnostic = _model("absorbing", "subs", None)
+    assert resolve_rule(tc, None, 4, None, None).name == "analytic"
+    assert resolve_rule(agnostic, None, 4, None, None).name == "first_hitting"
+    from bd3lm.sampling.score_rules import AnalyticRule
+
+    rule = AnalyticRule(steps=3)
+    rule.bind(agnostic)
+    assert rule.schedule.name == "loglinear"
+    geo = _model("uniform", "cedd", None, noise_schedule="geometric")
+    rule.bind(geo)
+    assert rule.schedule.name == "geometric" and float(rule.sigma[0]) == pytest.approx(20.0, rel=1e-3)
+    a = generate(geo, torch.tensor([1, 2]), 10, sampler="analytic", temperature=0.0, seed=1)
+    b = generate(geo, torch.tensor([1, 2]), 10, sampler="analytic", temperature=0.0, seed=2)
+    assert torch.equal(a.sequences[0], b.sequences[0])
+
+
+def test_infilling_rejects_options_it_cannot_honour() -> None:
+    whole = _model("absorbing", "subs", None, block_size=16)
+    with pytest.raises(ValueError, match="stop_entropy, window do not apply to infilling"):
+        generate(whole, torch.tensor([1, 2]), 4, suffix=[3], stop_entropy=3.0, window=16)

@@ -136,6 +136,8 @@ def likelihood(
     """
     if estimator not in (None, "j1", "j2"):
         raise ValueError(f"estimator must be j1, j2 or None; got {estimator!r}")
+    if estimator is not None and exact:
+        raise ValueError(f"estimator={estimator} is a Monte-Carlo bound; it cannot be combined with exact=true")
     if schedule is None:
         schedule = getattr(model.config, "noise_schedule", None) or "loglinear"
     if isinstance(protocol, str):

@@ -123,7 +123,8 @@ def generate(
             ``"euler"`` (SEDD's predictors, any graph; :mod:`bd3lm.sampling.score_rules`) or a
             :class:`BlockRule`; ignored by AR models. ``None``: first_hitting on the absorbing graph, else
             analytic.
-        steps: steps per block of ddpm / analytic / euler (default L'; the score rules add one denoiser call).
+        steps: steps per block of ddpm / analytic / euler (default L', with ``suffix`` the span; the score rules add
+            one denoiser call).
             threshold: confidence threshold tau in (0, 1] (default 0.9).
         temperature: 0 = greedy. top_k: 0 = off. top_p: nucleus mass in (0, 1] (1 = off).
         top_p_rule: ``"hf"`` (default, Hugging Face convention: the token that crosses ``top_p`` is kept) or
@@ -160,6 +161,14 @@ def generate(
     bs = 1 if ar else int(cfg.block_size)
     vocab, mask, length = int(cfg.vocab_size), int(cfg.mask_index), int(cfg.model_length)
     if suffix is not None:
+        ignored = {"stop": stop is not None, "stop_entropy": stop_entropy is not None, "window": window is not None,
+                   "window_stride": window_stride is not None, "streaming": streaming, "on_block": on_block is not None,
+                   "on_logits": on_logits is not None}
+        if any(ignored.values()):
+            raise ValueError(
+                f"{', '.join(k for k, v in ignored.items() if v)} do not apply to infilling (suffix=): the span is "
+                "one block of fixed length"
+            )
         return _generate_infill(model, input_ids, suffix, max_new_tokens, sampler=sampler, steps=steps,
                                 threshold=threshold, temperature=temperature, top_k=top_k, top_p=top_p,
                                 top_p_rule=top_p_rule, seed=seed, num_samples=num_samples,
@@ -273,7 +282,7 @@ def _generate_infill(
     span = length - p_len - len(suf) if max_new_tokens is None else max_new_tokens
     _check_int(span, "max_new_tokens (the span to fill)", 1)
     check_infill(model, p_len, span, len(suf))
-    rule = resolve_rule(model, sampler, length, steps, threshold, temperature, top_k, top_p)
+    rule = resolve_rule(model, sampler, span, steps, threshold, temperature, top_k, top_p)  # default steps: span
     device = next(model.parameters()).device
     gen = torch.Generator(device=device)
     gen.manual_seed(int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed))

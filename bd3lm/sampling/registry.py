@@ -62,13 +62,15 @@ def resolve_rule(
     top_k: int = 0,
     top_p: float = 1.0,
 ) -> BlockRule:
-    """:func:`make_rule` for ``model``: the default rule of its graph (``None``: first_hitting on the absorbing
-    graph, analytic otherwise), a score rule bound to the model, and one-line errors for a rule the graph cannot
-    use or token filters a score rule cannot apply."""
+    """:func:`make_rule` for ``model``: the default rule of its graph (``None``: first_hitting for a time-agnostic
+    network on the absorbing graph — MDLM / BD3-LM —, else analytic, which feeds σ to a time-conditioned network),
+    a score rule bound to the model, and one-line errors for a rule the graph cannot use or token filters a score
+    rule cannot apply."""
     cfg = model.config
     graph = getattr(cfg, "graph", "absorbing") or "absorbing"
     if sampler is None:
-        sampler = "first_hitting" if graph == "absorbing" else "analytic"
+        agnostic = graph == "absorbing" and not cfg.time_conditioning
+        sampler = "first_hitting" if agnostic or cfg.causal else "analytic"
     rule = make_rule(sampler, block_size, steps, threshold)
     if cfg.causal:
         return rule

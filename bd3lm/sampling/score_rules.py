@@ -39,7 +39,8 @@ class ScoreRule(BlockRule):
 
     Args:
         steps: predictor steps per block (>= 1).
-        schedule: the noise schedule the model was trained with (default: the model's, else log-linear).
+        schedule: the noise schedule the model was trained with (default: the model's ``noise_schedule``, read
+            again at every :meth:`bind`).
         eps: the last time of the grid, where the denoiser takes over (SEDD: 1e-5).
     """
 
@@ -52,7 +53,8 @@ class ScoreRule(BlockRule):
         if not 0.0 < float(eps) < 0.5:
             raise ValueError(f"eps must lie in (0, 0.5); got {eps!r}")
         self.steps, self.eps = steps, float(eps)
-        self.schedule = get_schedule(schedule) if isinstance(schedule, str) else schedule
+        self.given_schedule = get_schedule(schedule) if isinstance(schedule, str) else schedule
+        self.schedule = self.given_schedule
         self.model = None
         self.graph = None
 
@@ -61,14 +63,13 @@ class ScoreRule(BlockRule):
         from bd3lm.score_objectives import graph_of
 
         self.model, self.graph = model, graph_of(model)
-        if self.schedule is None:
-            self.schedule = get_schedule(getattr(model.config, "noise_schedule", None) or "loglinear")
+        self.schedule = self.given_schedule or get_schedule(getattr(model.config, "noise_schedule", None) or "loglinear")
         t = torch.linspace(T_TOP, self.eps, self.steps + 1, dtype=torch.float64)
         alpha = self.schedule.alpha(t)
         self.t = t
         self.sigma = -torch.log(alpha)
         self.rate = -self.schedule.alpha_prime(t) / alpha
-        self.cond_sigma = self.schedule.sigma(t).float()  # clamped, as fed to time conditioning in training
+        self.cond_sigma = self.sigma.float()  # σ(t) itself, as fed to time conditioning in training
 
     @property
     def n_calls(self) -> int:
@@ -93,7 +94,7 @@ class ScoreRule(BlockRule):
             probs = graph.denoise_probs(s, x, sigma_t)
         else:
             probs = self.step_probs(s, x, k)
-        if sampler.greedy and k >= self.steps:
+        if sampler.greedy:  # temperature 0: the most likely transition at every call
             new = probs.argmax(-1)
         else:
             new = sample_categorical(torch.log(probs), sampler.generator)
