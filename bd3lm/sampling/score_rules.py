@@ -63,7 +63,8 @@ class ScoreRule(BlockRule):
         from bd3lm.score_objectives import graph_of
 
         self.model, self.graph = model, graph_of(model)
-        self.schedule = self.given_schedule or get_schedule(getattr(model.config, "noise_schedule", None) or "loglinear")
+        own = getattr(model.config, "noise_schedule", None) or "loglinear"
+        self.schedule = self.given_schedule or get_schedule(own)
         t = torch.linspace(T_TOP, self.eps, self.steps + 1, dtype=torch.float64)
         alpha = self.schedule.alpha(t)
         self.t = t
@@ -94,7 +95,7 @@ class ScoreRule(BlockRule):
             probs = graph.denoise_probs(s, x, sigma_t)
         else:
             probs = self.step_probs(s, x, k)
-        if sampler.greedy:  # temperature 0: the most likely transition at every call
+        if sampler.greedy:  # temperature 0: the most likely transition at every call (the start is still a draw)
             new = probs.argmax(-1)
         else:
             new = sample_categorical(torch.log(probs), sampler.generator)
