@@ -194,13 +194,16 @@ class Graph:
         s = torch.where(w > 0, s, torch.zeros_like(s))
         return s.scatter(-1, x_t[..., None], 1.0)
 
-    def score_entropy(self, log_score: Tensor, x_t: Tensor, x0: Tensor, sigma: Tensor) -> Tensor:
+    def score_entropy(
+        self, log_score: Tensor, x_t: Tensor, x0: Tensor, sigma: Tensor, with_k: bool = True
+    ) -> Tensor:
         """Denoising score entropy per position (...) with the constant (SEDD eq. 9 with ``K``)::
 
             Σ_{y ≠ x_t} Q[x_t, y] (s_y - r_y log s_y + K(r_y)),   r_y = p(y | x_0) / p(x_t | x_0),
 
         ``>= 0``, ``= 0`` iff ``s = r`` on the support of ``Q[x_t, ·]``. ``log_score`` (..., V); only its entries
-        with ``Q[x_t, y] > 0`` are read. Multiply by ``σ'(t)`` and integrate over t for the likelihood bound."""
+        with ``Q[x_t, y] > 0`` are read. Multiply by ``σ'(t)`` and integrate over t for the likelihood bound.
+        ``with_k=False`` leaves out ``K(r_y)``: the integrand of the J2 bound (Haxholli et al. 2025)."""
         dtype = log_score.dtype
         r = self.conditional_ratios(x_t, x0, torch.as_tensor(sigma, dtype=dtype, device=x_t.device))
         w = self.rate_into(x_t, dtype)
@@ -208,17 +211,12 @@ class Graph:
         ls = torch.where(on, log_score, torch.zeros_like(log_score))
         s = torch.where(on, torch.exp(ls), torch.zeros_like(ls))
         r_log_s = torch.where(r > 0, r * ls, torch.zeros_like(ls))  # 0 log 0 = 0 where the target ratio is 0
-        return (w * (s - r_log_s + score_entropy_k(r))).sum(-1)
+        k = score_entropy_k(r) if with_k else torch.zeros_like(r)
+        return (w * (s - r_log_s + k)).sum(-1)
 
     def score_entropy_without_k(self, log_score: Tensor, x_t: Tensor, x0: Tensor, sigma: Tensor) -> Tensor:
-        """``Σ_{y ≠ x_t} Q[x_t, y] (s_y - r_y log s_y)``: the integrand of the J2 bound (Haxholli et al. 2025)."""
-        dtype = log_score.dtype
-        r = self.conditional_ratios(x_t, x0, torch.as_tensor(sigma, dtype=dtype, device=x_t.device))
-        w = self.rate_into(x_t, dtype)
-        on = w > 0
-        ls = torch.where(on, log_score, torch.zeros_like(log_score))
-        s = torch.where(on, torch.exp(ls), torch.zeros_like(ls))
-        return (w * (s - torch.where(r > 0, r * ls, torch.zeros_like(ls)))).sum(-1)
+        """``Σ_{y ≠ x_t} Q[x_t, y] (s_y - r_y log s_y)``: :meth:`score_entropy` without ``K``, J2's integrand."""
+        return self.score_entropy(log_score, x_t, x0, sigma, with_k=False)
 
     # -- forward sampling ------------------------------------------------------------------------------------
 

@@ -42,6 +42,15 @@ def tiny_model(seed: int = 0, **kw) -> bd3lm.BD3LM:
     return randomize(bd3lm.BD3LM(tiny_config(**kw)), seed).eval()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one thread avoids oversubscribing the shared cores (restored afterwards)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def model():
     return tiny_model()

@@ -46,13 +46,7 @@ IDS = [f"{n}-V{v}-m{m}" + ("" if p is None else f"-p{p}") for n, v, m, p in CASE
 SIGMAS = [0.03, 0.4, 1.7, 6.0]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids oversubscribing the shared cores (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hand_parts(v: int, m: int) -> tuple[np.ndarray, np.ndarray]:

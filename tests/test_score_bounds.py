@@ -13,33 +13,19 @@ The model tests run a tiny random-weight :class:`bd3lm.BD3LM` (§4.1 identity, J
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 
 import numpy as np
 import pytest
-import scipy.linalg
 import torch
-from conftest import randomize
 
 import bd3lm
 from bd3lm.graphs import make_graph
 from bd3lm.noise import get_schedule
 from bd3lm.score_objectives import log_score, score_bound, sigma_and_rate
-
-
-@functools.cache
-def _expm_cached(q_bytes: bytes, v: int, t: float) -> np.ndarray:
-    return scipy.linalg.expm(t * np.frombuffer(q_bytes).reshape(v, v))
-
-
-def expm(q: np.ndarray, t: float) -> np.ndarray:
-    """``scipy.linalg.expm(t Q)``, memoised: the oracle is called with few distinct (Q, t) and a multi-threaded BLAS
-    makes each call slow on shared cores."""
-    q = np.ascontiguousarray(q, dtype=np.float64)
-    return _expm_cached(q.tobytes(), q.shape[0], float(t)).copy()
-
+from tests.conftest import randomize
+from tests.test_graphs import expm
 
 V, MASK, N, L = 4, 3, 3, 2
 SEQS = list(itertools.product(range(V), repeat=L))
@@ -50,13 +36,7 @@ TOY_GRAPHS = [("absorbing", None), ("uniform", None), ("roulette", 0.5)]
 TOY_IDS = ["absorbing", "uniform", "roulette-0.5"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids oversubscribing the shared cores (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hand_q(p_m: float) -> np.ndarray:
