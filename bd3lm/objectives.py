@@ -29,33 +29,14 @@ code trains and evaluates this way; an AR model always predicts positions ``1..L
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bd3lm.noise import NoiseSchedule, check_interval, get_schedule, sample_mask, sample_t
+from bd3lm.estimates import LossOutput, model_schedule, stratified_t
+from bd3lm.noise import NoiseSchedule, check_interval, sample_mask, sample_t
 
 FULL_RANGE = (1e-3, 1.0)
-
-
-@dataclass
-class LossOutput:
-    """``loss``: scalar to backpropagate (nats/token); the rest detached."""
-
-    loss: Tensor
-    nll_sum: Tensor
-    n_tokens: int
-    per_block: Tensor
-    nll_per_seq: Tensor
-
-
-def model_schedule(model, schedule: str | NoiseSchedule | None) -> NoiseSchedule:
-    """``schedule`` as an object; ``None`` = the model's ``config.noise_schedule`` (log-linear by default)."""
-    if schedule is None:
-        schedule = getattr(model.config, "noise_schedule", None) or "loglinear"
-    return get_schedule(schedule) if isinstance(schedule, str) else schedule
 
 
 def _check_batch(model, x0: Tensor) -> tuple[int, int]:
@@ -69,15 +50,6 @@ def _check_batch(model, x0: Tensor) -> tuple[int, int]:
 def _is_full_range(interval: tuple[float, float]) -> bool:
     """[β, ω] ⊇ [1e-3, 0.999] (the official default buffers) counts as unclipped: masked fractions are free."""
     return interval[0] <= FULL_RANGE[0] + 1e-9 and interval[1] >= 0.999 - 1e-9
-
-
-def stratified_t(
-    batch_size: int, n_blocks: int, interval: tuple[float, float], generator: torch.Generator | None, device=None
-) -> Tensor:
-    """One t per (sequence, block), one per stratum of [β, ω], strata randomly assigned to cells."""
-    t = sample_t(batch_size, n_blocks, interval=interval, antithetic=True, generator=generator, device=device)
-    perm = torch.randperm(t.numel(), generator=generator, device=generator.device if generator else None)
-    return t.reshape(-1)[perm.to(t.device)].reshape(t.shape)
 
 
 def masked_cross_entropy(logits: Tensor, targets: Tensor, mask_index: int) -> Tensor:
