@@ -158,3 +158,30 @@ def test_generate_cli_errors(checkpoint, tmp_path, overrides, message):
         cfg[key] = value
     with pytest.raises((cli.CLIError, ValueError), match=message):
         cli.run(cfg)
+
+
+def test_generate_cli_infills_with_a_roulette_model(checkpoint, tmp_path):
+    """suffix= on a whole-sequence CEDD/roulette model: the JSONL keeps prompt and suffix ids unchanged around a
+    span of max_new_tokens ids, sampled by the default (analytic) rule; a block-causal model is refused."""
+    path = tmp_path / "roulette"
+    tok = tiny_tokenizer()
+    tok.save_pretrained(path)
+    cfg = bd3lm.BD3LMConfig(vocab_size=len(tok), model_length=32, block_size=32, hidden_dim=32, cond_dim=16,
+                            n_blocks=2, n_heads=4, dropout=0.0, graph="roulette", loss="cedd", p_m=0.9,
+                            time_conditioning=True)
+    torch.manual_seed(0)
+    randomize(bd3lm.BD3LM(cfg), 0).save_pretrained(path)
+    out = tmp_path / "infill.jsonl"
+    proc = run_cli(tmp_path, f"checkpoint={path}", "prompt=hello world", "suffix=the lazy dog", "max_new_tokens=7",
+                   "num_samples=2", "steps=4", "seed=0", f"output={out}")
+    assert proc.returncode == 0, proc.stderr
+    suffix_ids = tok("the lazy dog", add_special_tokens=False)["input_ids"]
+    prompt_ids = [tok.bos_token_id] + tok("hello world", add_special_tokens=False)["input_ids"]
+    for r in (json.loads(line) for line in out.read_text().splitlines()):
+        assert r["prompt_ids"] == prompt_ids and r["suffix_ids"] == suffix_ids and r["suffix"] == "the lazy dog"
+        assert len(r["token_ids"]) == 7 and r["nfe"] == 5
+    assert "NFE 5" in proc.stderr
+    proc = run_cli(tmp_path, f"checkpoint={path}", "prompt=hello", "suffix=dog", "max_new_tokens=40")
+    assert proc.returncode == 2 and "exceed the model's length 32" in proc.stderr
+    proc = run_cli(tmp_path, f"checkpoint={checkpoint}", "prompt=hello", "suffix=dog", "max_new_tokens=4")
+    assert proc.returncode == 2 and "needs a whole-sequence model" in proc.stderr
