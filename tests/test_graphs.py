@@ -529,13 +529,15 @@ def test_bad_graph_arguments():
 
 
 def test_check_family_rejects_bad_pairs():
-    """``check_family`` rejects an unknown graph, an unknown loss, (uniform, subs), (roulette, subs) and a bad p_m."""
-    _one_line_value_error(check_family, "absorbing", "sedd", match="'sedd'")
-    _one_line_value_error(check_family, "grid", "cedd", match="'grid'")
-    _one_line_value_error(check_family, "uniform", "subs", match="'uniform'")
-    _one_line_value_error(check_family, "roulette", "subs", 0.5, match="'roulette'")
-    for bad in (-0.1, 1.5, None):
-        _one_line_value_error(check_family, "roulette", "cedd", bad, match=repr(bad))
-    for graph, loss, p_m in [("absorbing", "subs", None), ("absorbing", "score_entropy", None),
-                             ("uniform", "cedd", None), ("roulette", "score_entropy", 0.5)]:
-        check_family(graph, loss, p_m)
+    """``check_family`` rejects an unknown graph, an unknown loss, (uniform, subs), (roulette, subs) and a bad p_m
+    with one-line messages naming the value, and accepts the valid pairs."""
+    bad_calls = [(("absorbing", "sedd"), "'sedd'"), (("grid", "cedd"), "'grid'"), (("uniform", "subs"), "'uniform'"),
+                 (("roulette", "subs", 0.5), "'roulette'")]
+    bad_calls += [(("roulette", "cedd", bad), repr(bad)) for bad in (-0.1, 1.5, None)]
+    for args, match in bad_calls:
+        with pytest.raises(ValueError) as info:
+            check_family(*args)
+        assert "\n" not in str(info.value) and match in str(info.value)
+    valid = [("absorbing", "subs", None), ("absorbing", "score_entropy", None), ("uniform", "cedd", None),
+             ("roulette", "score_entropy", 0.5)]
+    assert [check_family(*args) for args in valid] == [None] * len(valid)
