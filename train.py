@@ -104,7 +104,7 @@ def validate_config(cfg) -> None:
     if cfg.trainer.ckpt_every is not None:
         _positive(cfg, "trainer.ckpt_every")
     from bd3lm.graphs import check_family
-    from bd3lm.noise import get_schedule
+    from bd3lm.schedules import get_schedule
 
     get_schedule(cfg.noise.name)
     a = cfg.algo

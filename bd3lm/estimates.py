@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from bd3lm.noise import NoiseSchedule, get_schedule, sample_t
+from bd3lm.noise import sample_t
+from bd3lm.schedules import NoiseSchedule, get_schedule
 
 __all__ = ["LossOutput", "model_schedule", "stratified_t"]
 

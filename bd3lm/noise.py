@@ -27,35 +27,11 @@ import math
 import torch
 from torch import Tensor
 
-from bd3lm.schedules import (  # the schedules, re-exported: they are part of the forward process's API
-    DEFAULT_SIGMA_MAX,
-    SCHEDULES,
-    CosineSchedule,
-    GeometricSchedule,
-    LinearSchedule,
-    LogLinearSchedule,
-    LogSchedule,
-    NoiseSchedule,
-    SquareRootSchedule,
-    SquareSchedule,
-    as_time,
-    get_schedule,
-)
+from bd3lm.schedules import NoiseSchedule, as_time
 
 __all__ = [
-    "DEFAULT_SIGMA_MAX",
-    "SCHEDULES",
-    "CosineSchedule",
-    "GeometricSchedule",
-    "LinearSchedule",
-    "LogLinearSchedule",
-    "LogSchedule",
-    "NoiseSchedule",
-    "SquareRootSchedule",
-    "SquareSchedule",
     "check_interval",
     "feasible_counts",
-    "get_schedule",
     "rank_generator",
     "sample_mask",
     "sample_t",

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bd3lm.estimates import LossOutput, model_schedule, stratified_t
-from bd3lm.noise import NoiseSchedule, check_interval, sample_mask, sample_t
+from bd3lm.noise import check_interval, sample_mask, sample_t
+from bd3lm.schedules import NoiseSchedule
 
 FULL_RANGE = (1e-3, 1.0)
 

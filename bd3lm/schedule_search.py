@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from bd3lm.noise import NoiseSchedule, feasible_counts, get_schedule
+from bd3lm.noise import feasible_counts
 from bd3lm.objectives import FULL_RANGE, diffusion_loss
+from bd3lm.schedules import NoiseSchedule, get_schedule
 
 
 def default_candidates(

@@ -76,8 +76,9 @@ def measure_step(s: dict[str, Any], variant: str, precision: str) -> dict[str, A
     import torch
 
     import bd3lm
-    from bd3lm.noise import get_schedule, sample_mask
+    from bd3lm.noise import sample_mask
     from bd3lm.objectives import loss, stratified_t
+    from bd3lm.schedules import get_schedule
 
     torch.manual_seed(0)
     torch.set_num_threads(s["threads"])

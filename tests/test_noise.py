@@ -9,18 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bd3lm.noise import (
-    DEFAULT_SIGMA_MAX,
-    SCHEDULES,
-    LogLinearSchedule,
-    NoiseSchedule,
-    check_interval,
-    feasible_counts,
-    get_schedule,
-    rank_generator,
-    sample_mask,
-    sample_t,
-)
+from bd3lm.noise import check_interval, feasible_counts, rank_generator, sample_mask, sample_t
+from bd3lm.schedules import DEFAULT_SIGMA_MAX, SCHEDULES, LogLinearSchedule, NoiseSchedule, get_schedule
 
 NAMES = sorted(SCHEDULES)
 #: schedules with alpha_0 = 1 exactly (geometric starts at sigma_min > 0, see test_geometric_schedule)

@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from conftest import tiny_model
 
 import bd3lm
-from bd3lm.noise import get_schedule, sample_mask
+from bd3lm.noise import sample_mask
 from bd3lm.objectives import ar_loss, diffusion_loss, nelbo, stratified_t
+from bd3lm.schedules import get_schedule
 
 
 def data(cfg, batch=2, seed=0):

@@ -318,7 +318,7 @@ def test_ddpm_never_produces_nan_or_mask(steps):
 
 
 def test_ddpm_with_a_schedule_object():
-    from bd3lm.noise import get_schedule
+    from bd3lm.schedules import get_schedule
 
     rule = DDPMRule(5, schedule=get_schedule("loglinear"))
     assert [round(rule.reveal_prob(i), 12) for i in range(5)] == [round(1 / (5 - i), 12) for i in range(5)]

@@ -162,7 +162,7 @@ def test_j2_constants_are_the_k_term_integral(p_m: float) -> None:
     import numpy as np
 
     from bd3lm.graphs import make_graph, score_entropy_k
-    from bd3lm.noise import get_schedule
+    from bd3lm.schedules import get_schedule
     from bd3lm.score_objectives import sigma_and_rate
 
     graph = make_graph("roulette", 6, 5, p_m)

@@ -22,7 +22,7 @@ import torch
 
 import bd3lm
 from bd3lm.graphs import make_graph
-from bd3lm.noise import get_schedule
+from bd3lm.schedules import get_schedule
 from bd3lm.score_objectives import log_score, score_bound, sigma_and_rate
 from tests.conftest import randomize
 from tests.test_graphs import expm

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from conftest import randomize
 
 import bd3lm
-from bd3lm.noise import get_schedule, sample_mask
+from bd3lm.noise import sample_mask
 from bd3lm.objectives import diffusion_loss
+from bd3lm.schedules import get_schedule
 
 L, V = 8, 13
 

@@ -24,7 +24,7 @@ from bd3lm.sampling.processing import TokenSampler
 from bd3lm.sampling.rules import BlockRule, scatter_tokens
 
 if TYPE_CHECKING:
-    from bd3lm.noise import NoiseSchedule
+    from bd3lm.schedules import NoiseSchedule
 
 __all__ = ["DDPMRule"]
 

@@ -25,9 +25,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from bd3lm.noise import NoiseSchedule, get_schedule
 from bd3lm.sampling.processing import TokenSampler, sample_categorical
 from bd3lm.sampling.rules import BlockRule
+from bd3lm.schedules import NoiseSchedule, get_schedule
 
 __all__ = ["AnalyticRule", "EulerRule", "ScoreRule"]
 
