@@ -170,19 +170,12 @@ def run(cfg: DictConfig) -> int:
     import bd3lm
     from bd3lm.checkpoint import check_checkpoint_dir
     from bd3lm.sampling import generate
+    from eval.bench import resolve_device
 
     hf_logging.disable_progress_bar()  # keep stderr to the summary line (or the one error line)
     hf_logging.set_verbosity_error()
     check_checkpoint_dir(ckpt)
-    device = str(cfg.device)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        torch_device = torch.device(device)
-    except RuntimeError as exc:
-        raise CLIError(f"device {device!r} is not valid: {_one_line(exc)}") from None
-    if torch_device.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"device {device!r} requested but CUDA is not available")
+    torch_device = resolve_device(str(cfg.device))
     try:
         tok = AutoTokenizer.from_pretrained(ckpt, local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - any loading failure is a one-line user error
