@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_model
 
 import bd3lm
-from bd3lm.lit import BD3LMLit, TrainSettings, block_size_override, validation_nelbo
+from bd3lm.lit import BD3LMLit, TrainSettings
 from bd3lm.lit_callbacks import plot_metrics, read_metrics
 from bd3lm.lit_checkpoint import (
     AtomicCheckpointIO,
@@ -19,7 +19,6 @@ from bd3lm.lit_checkpoint import (
     load_init_weights,
 )
 from bd3lm.lit_data import ChunkDataModule, ResumableSampler
-from bd3lm.objectives import nelbo
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*")  # Lightning 2.6 with torch 2.13
 
@@ -149,26 +148,6 @@ def test_export_writes_ema_weights_and_interval(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ validation
-
-
-def test_validation_nelbo_matches_the_objective_and_block_size_override():
-    model = tiny_model(block_size=4)
-    x = torch.randint(0, 32, (3, 16), generator=torch.Generator().manual_seed(0))
-    total, tokens = validation_nelbo(model, [x, x], seed=5)
-    from bd3lm.lit import VAL_SEED_OFFSET
-    from bd3lm.noise import rank_generator
-
-    g = rank_generator(5 + VAL_SEED_OFFSET, 0)
-    ref = nelbo(model, x, generator=g).double().sum() + nelbo(model, x, generator=g).double().sum()
-    assert total == pytest.approx(float(ref), rel=1e-9) and tokens == 96
-    with block_size_override(model, 16):
-        assert model.config.block_size == 16
-        t16, _ = validation_nelbo(model, [x], seed=5)
-    assert model.config.block_size == 4
-    assert t16 != pytest.approx(validation_nelbo(model, [x], seed=5)[0])
-    with pytest.raises(ValueError):
-        with block_size_override(model, 5):
-            pass
 
 
 def test_fit_updates_ema_switches_interval_and_checkpoints_state(tmp_path):
