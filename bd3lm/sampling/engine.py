@@ -35,6 +35,11 @@ masked positions one by one.
 
 **NFE** = number of network calls over the active batch. Finished rows leave the batch at once, so a call costs
 what the active rows cost.
+
+**Step hook** (``on_step``): after every denoising step (a rule step of an absorbing rule, a call of a rewriting
+rule, a token of an AR model) the engine hands one :class:`DenoisingStep` per sequence that took part in it to
+the callback: the block's generated span as it stands (mask ids where still masked) and the positions that
+changed. Without a hook the loop keeps no previous state, copies nothing to the host and makes no extra sync.
 """
 
 from __future__ import annotations
@@ -45,9 +50,11 @@ import torch
 from torch import Tensor
 
 from bd3lm.sampling.cache_policy import CachePolicy
+from bd3lm.sampling.ddpm import DDPMRule
 from bd3lm.sampling.layout import WindowPolicy, column_layout
 from bd3lm.sampling.processing import TokenSampler
 from bd3lm.sampling.rules import BlockRule
+from bd3lm.sampling.steps import DenoisingStep, report_step
 from bd3lm.sampling.stopping import Stopping
 
 __all__ = ["PAD_ID", "BlockEngine"]
@@ -77,6 +84,7 @@ class BlockEngine:
         use_cache: bool,
         stopping: Stopping,
         on_logits: Callable[[list[int], Tensor], None] | None,
+        on_step: Callable[[DenoisingStep], None] | None = None,
     ) -> None:
         cfg = model.config
         self.model = model
@@ -86,12 +94,14 @@ class BlockEngine:
         self.time_cond = bool(getattr(cfg, "time_conditioning", False))
         self.rule, self.sampler, self.stopping = rule, sampler, stopping
         self.on_logits = on_logits
+        self.on_step = on_step
         self.dev = next(model.parameters()).device
         self.nfe = 0
         n, bs = len(prompts), self.bs
         self.ids = list(range(n))
 
         lengths = [len(p) for p in prompts]
+        self.prompt_len = lengths  # by sequence index (the block index of an on_step report)
         if self.ar:
             nb, pads, rems = max(lengths), [max(lengths) - p for p in lengths], [0] * n
             self.cur = nb  # column of the token to predict
@@ -269,12 +279,16 @@ class BlockEngine:
         ar = torch.arange(bs, device=dev)
         lo_d, hi_d = (torch.tensor(v, dtype=torch.long, device=dev) for v in (lo, hi))
         todo = (ar[None, :] >= lo_d[:, None]) & (ar[None, :] < hi_d[:, None])
-        rule, sampler = self.rule, self.sampler
+        rule, sampler, on_step = self.rule, self.sampler, self.on_step
         if getattr(rule, "rewrites", False):  # score-family rules rewrite every free position at each call
             free = ar[None, :] >= lo_d[:, None]
             x = rule.init_block(x, free, sampler)
-            for k in range(rule.n_calls):
+            n_calls = rule.n_calls
+            for k in range(n_calls):
+                prev = x
                 x = rule.update(self._forward(x, ws, bs, ws_clean, sigma=rule.timestep(k)), x, free, k, sampler)
+                if on_step is not None:
+                    report_step(self, prev, x, lo, hi, k, [n_calls] * b, final=k == n_calls - 1)
             self._finish_block(x, lo, hi)
             return
         rule.start_block(todo)
@@ -289,23 +303,31 @@ class BlockEngine:
             return rule.step(logits, todo, sampler, positions=positions)
 
         if rule.reveals_one_per_step:  # the step count is known: no host sync per step
-            for _ in range(max(h - lo_r for lo_r, h in zip(lo, hi, strict=True))):
+            n_steps = [h - lo_r for lo_r, h in zip(lo, hi, strict=True)]
+            for k in range(max(n_steps)):
                 logits, positions = denoise(x, todo)
                 tokens, reveal = step(logits, todo, positions)
-                x = torch.where(reveal, tokens, x)
+                prev, x = x, torch.where(reveal, tokens, x)
                 todo = todo & ~reveal
+                if on_step is not None:
+                    report_step(self, prev, x, lo, hi, k, n_steps)
         else:
-            logits, positions, stale = None, None, True
+            logits, positions, stale, k = None, None, True, 0
+            total = [rule.steps] * b if isinstance(rule, DDPMRule) else [None] * b
             while bool(todo.any()):
                 if stale:
                     (logits, positions), stale = denoise(x, todo), False
                 tokens, reveal = step(logits, todo, positions)
                 reveal = reveal & todo
+                prev = x
                 if rule.always_reveals or bool(reveal.any()):
                     x = torch.where(reveal, tokens, x)
                     todo, stale = todo & ~reveal, True
                 elif positions is not None:  # positions were drawn for this step only
                     stale = True
+                if on_step is not None:
+                    report_step(self, prev, x, lo, hi, k, total)
+                    k += 1
         self._finish_block(x, lo, hi)
 
     def _finish_block(self, x: Tensor, lo: list[int], hi: list[int]) -> None:
@@ -326,6 +348,8 @@ class BlockEngine:
         logits = self._forward(None, ws, 1, self._prepare(ws, self.cur))
         tok = self.sampler.sample(logits[:, -1])[:, None]
         b = len(self.ids)
+        if self.on_step is not None:
+            report_step(self, torch.full_like(tok, self.mask), tok, [0] * b, [1] * b, 0, [1] * b, final=True)
         keep = self.stopping.record(self.ids, tok, [0] * b, [1] * b, self.nfe)
         if not all(keep):
             tok = tok[torch.tensor(keep, device=self.dev)]
