@@ -1,22 +1,13 @@
-"""What eval.speed and its perf suite share: the benchmark models (random weights or a checkpoint), the device,
-the prompt token, and list-valued settings."""
+"""What eval.speed and its perf suite share: the benchmark models (random weights or a checkpoint), the device and
+the prompt token."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from omegaconf import ListConfig
+from eval.common import CLIError
 
-from eval.common import CLIError, check_int
-
-__all__ = ["build_model", "int_list", "prompt_token", "resolve_device"]
-
-
-def int_list(value: object, name: str) -> list[int]:
-    items = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
-    if not items:
-        raise CLIError(f"{name} is empty; give at least one value, e.g. {name}=[1]")
-    return [check_int(v, f"every value of {name}") for v in items]
+__all__ = ["build_model", "prompt_token", "resolve_device"]
 
 
 def resolve_device(name: str):
@@ -44,7 +35,7 @@ def build_model(s: dict[str, Any], block_size: int | None, causal: bool, device)
     if s["checkpoint"] is not None:
         from bd3lm.checkpoint import check_checkpoint_dir
 
-        check_checkpoint_dir(s["checkpoint"])
+        check_checkpoint_dir(s["checkpoint"])  # checked by eval.speed already; for callers of this function
         model = bd3lm.BD3LM.from_pretrained(s["checkpoint"])
     else:
         torch.manual_seed(0)

@@ -3,17 +3,44 @@
     python -m eval.lengths checkpoint=runs/quickstart/hf num_samples=32 max_factor=10 output=docs/results/lengths
 
 Wraps :func:`bd3lm.evaluation.length_statistics` (the paper reports the median and the maximum length).
-Keys: ``configs/eval/lengths.yaml``.
+Keys: ``configs/eval/lengths.yaml``. Bad input is one ``error:`` line and exit code 2, before the model is loaded.
 """
 
 from __future__ import annotations
 
 import os
 
-import hydra
 from omegaconf import DictConfig
 
-from eval.common import checkpoint_of, cli_main, positive_int, set_threads, write_report
+from eval.common import (
+    RUNTIME,
+    SAMPLERS,
+    TOP_P_RULES,
+    checkpoint,
+    choice,
+    hydra_main,
+    integer,
+    number,
+    optional,
+    output,
+    set_threads,
+    validate,
+    write_report,
+)
+
+#: Every key of configs/eval/lengths.yaml and its check.
+KEYS = {
+    "checkpoint": checkpoint(tokenizer=True),
+    "num_samples": integer(),
+    "batch_size": integer(),
+    "max_factor": integer(),
+    "stop_entropy": optional(number(0)),
+    "sampler": choice(*SAMPLERS),
+    "top_p": number(0, 1, low_open=True),
+    "top_p_rule": choice(*TOP_P_RULES),
+    **RUNTIME,
+    "output": optional(output(".json", ".md")),
+}
 
 
 def markdown(st: dict, title: str) -> str:
@@ -31,26 +58,22 @@ def report(st: dict, stem: str | os.PathLike | None, title: str) -> None:
 
 
 def run_lengths(cfg: DictConfig) -> dict:
-    ckpt = checkpoint_of(cfg)
-    mf = positive_int(cfg, "max_factor")
-    positive_int(cfg, "num_samples")
-    positive_int(cfg, "batch_size")
+    a = validate(cfg, KEYS)
     from bd3lm.evaluation import length_statistics, load_checkpoint
+    from eval.bench import resolve_device
 
-    set_threads(cfg)
-    model, tok = load_checkpoint(ckpt, str(cfg.device))
-    st = length_statistics(model, tok, num_samples=cfg.num_samples, batch_size=int(cfg.batch_size),
-                           max_new_tokens=mf * model.config.model_length, stop_entropy=cfg.stop_entropy,
-                           seed=int(cfg.seed), sampler=str(cfg.sampler), top_p=float(cfg.top_p),
-                           top_p_rule=str(cfg.top_p_rule))
-    report(st, cfg.output, f"{ckpt}, L' = {model.config.block_size}")
+    device = resolve_device(a["device"])
+    set_threads(a["threads"])
+    model, tok = load_checkpoint(a["checkpoint"], device)
+    st = length_statistics(model, tok, num_samples=a["num_samples"], batch_size=a["batch_size"],
+                           max_new_tokens=a["max_factor"] * model.config.model_length,
+                           stop_entropy=a["stop_entropy"], seed=a["seed"], sampler=a["sampler"], top_p=a["top_p"],
+                           top_p_rule=a["top_p_rule"])
+    report(st, a["output"], f"{a['checkpoint']}, L' = {model.config.block_size}")
     return st
 
 
-@hydra.main(version_base=None, config_path="../configs/eval", config_name="lengths")
-def main(cfg: DictConfig) -> None:
-    cli_main(run_lengths, cfg)
-
+main = hydra_main("lengths", run_lengths)
 
 if __name__ == "__main__":
     main()

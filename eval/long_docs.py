@@ -3,17 +3,50 @@
     python -m eval.long_docs checkpoint=runs/quickstart/hf output=docs/results/long_docs
 
 Wraps :func:`bd3lm.evaluation.long_documents`; compares the exact window (re-encoded when it slides) with
-``streaming=True`` (stale keys/values kept), with tokens/s for each. Keys: ``configs/eval/long_docs.yaml``.
+``streaming=True`` (stale keys/values kept), with tokens/s for each. Keys: ``configs/eval/long_docs.yaml``. Bad input
+is one ``error:`` line and exit code 2, before the judge or the model is loaded.
 """
 
 from __future__ import annotations
 
 import os
 
-import hydra
 from omegaconf import DictConfig
 
-from eval.common import checkpoint_of, cli_main, positive_int, set_threads, write_report
+from eval.common import (
+    RUNTIME,
+    SAMPLERS,
+    TOP_P_RULES,
+    checkpoint,
+    choice,
+    hydra_main,
+    integer,
+    judge,
+    list_of,
+    number,
+    optional,
+    output,
+    set_threads,
+    validate,
+    write_report,
+)
+
+#: The modes of bd3lm.evaluation.long_documents.MODES.
+MODES = ("exact", "streaming")
+#: Every key of configs/eval/long_docs.yaml and its check.
+KEYS = {
+    "checkpoint": checkpoint(tokenizer=True),
+    "judge": judge,
+    "factors": list_of(integer(), "factors=[1,4,10]"),
+    "modes": list_of(choice(*MODES), "modes=[exact,streaming]"),
+    "num_samples": integer(),
+    "sampler": choice(*SAMPLERS),
+    "top_p": number(0, 1, low_open=True),
+    "top_p_rule": choice(*TOP_P_RULES),
+    "window_stride": optional(integer()),
+    **RUNTIME,
+    "output": optional(output(".json", ".md")),
+}
 
 
 def markdown(rows: list[dict], title: str) -> str:
@@ -30,24 +63,22 @@ def report(rows: list[dict], stem: str | os.PathLike | None, title: str) -> None
 
 
 def run_long_docs(cfg: DictConfig) -> list[dict]:
-    ckpt = checkpoint_of(cfg)
-    positive_int(cfg, "num_samples")
+    a = validate(cfg, KEYS)
     from bd3lm.evaluation import load_checkpoint, load_judge, long_documents
+    from eval.bench import resolve_device
 
-    set_threads(cfg)
-    judge = load_judge(str(cfg.judge), device=str(cfg.device))
-    model, tok = load_checkpoint(ckpt, str(cfg.device))
-    rows = long_documents(model, tok, judge, factors=list(cfg.factors), modes=list(cfg.modes),
-                          num_samples=int(cfg.num_samples), seed=int(cfg.seed), sampler=str(cfg.sampler),
-                          top_p=float(cfg.top_p), top_p_rule=str(cfg.top_p_rule), window_stride=cfg.window_stride)
-    report(rows, cfg.output, f"{ckpt}, L = {model.config.model_length}, L' = {model.config.block_size}")
+    device = str(resolve_device(a["device"]))
+    set_threads(a["threads"])
+    jd = load_judge(a["judge"], device=device)
+    model, tok = load_checkpoint(a["checkpoint"], device)
+    rows = long_documents(model, tok, jd, factors=a["factors"], modes=a["modes"], num_samples=a["num_samples"],
+                          seed=a["seed"], sampler=a["sampler"], top_p=a["top_p"], top_p_rule=a["top_p_rule"],
+                          window_stride=a["window_stride"])
+    report(rows, a["output"], f"{a['checkpoint']}, L = {model.config.model_length}, L' = {model.config.block_size}")
     return rows
 
 
-@hydra.main(version_base=None, config_path="../configs/eval", config_name="long_docs")
-def main(cfg: DictConfig) -> None:
-    cli_main(run_long_docs, cfg)
-
+main = hydra_main("long_docs", run_long_docs)
 
 if __name__ == "__main__":
     main()

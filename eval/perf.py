@@ -3,6 +3,7 @@
     python -m eval.speed suite=perf                     # the reference size (hidden 256, 8 layers, L = 1024)
     python -m eval.speed suite=perf perf.repeats=1 perf.length=32 perf.dim=32 perf.layers=1 perf.heads=4 \\
         perf.vocab=64 perf.long_factor=2 perf.checkpoint=null   # a smoke run: checks the wiring, measures nothing
+    python -m eval.perf [perf.repeats=5 ...]            # the same as python -m eval.speed suite=perf [...]
 
 Speed targets run on random-weight fp32 models built by :func:`eval.bench.build_model` at the ``perf.*`` size:
 first hitting, batch 1, a 1-token prompt (the model's BOS id, else id 0), ``N = perf.length`` new tokens unless
@@ -39,9 +40,23 @@ import math
 import os
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig
 
-from eval.common import CLIError, check_int, log, one_line, write_json, write_text
+from eval.common import (
+    CLIError,
+    integer,
+    list_of,
+    log,
+    number,
+    one_line,
+    optional,
+    output,
+    text,
+    validate,
+    write_json,
+    write_text,
+)
+from eval.common import device as device_name
 
 #: The size the targets are stated for (the official tiny model).
 REFERENCE_SIZE = {"dim": 256, "layers": 8, "heads": 8, "vocab": 4097, "length": 1024, "block_size": 4}
@@ -64,41 +79,36 @@ def verdict(measured: float, target: float, op: str) -> str:
     return "PASS" if ok else "FAIL"
 
 
-def _thresholds(value: object) -> list[float]:
-    if not isinstance(value, (list, tuple, ListConfig)) or not len(value):
-        raise CLIError(f"perf.thresholds must be a non-empty list of numbers in (0, 1], e.g. "
-                       f"'perf.thresholds=[0.5,0.9]'; got {value!r}")
-    out = []
-    for t in value:
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 1:
-            raise CLIError(f"every value of perf.thresholds must be a number in (0, 1]; got {t!r}")
-        out.append(float(t))
-    return list(dict.fromkeys(out))
+#: Every key of the perf: group of configs/eval/speed.yaml and its check (cross-key checks in check_perf).
+PERF_KEYS = {
+    "repeats": integer(),
+    "batches": list_of(integer(), "perf.batches=[8,64]"),
+    "long_factor": integer(2),
+    "stride_long_factor": integer(2),
+    "checkpoint": optional(text),  # missing or unloadable: the confidence row is SKIP, with the reason
+    "judge": text,
+    "thresholds": list_of(number(0, 1, low_open=True), "perf.thresholds=[0.5,0.9]", single=False),
+    "num_samples": integer(),
+    "sample_batch": integer(),
+    "seed": integer(0),
+    "output": optional(output()),
+    **{k: integer(2 if k == "vocab" else 1) for k in REFERENCE_SIZE},
+}
 
 
 def check_perf(cfg: DictConfig) -> dict[str, Any]:
     """The validated settings of ``suite=perf`` (plain Python values); raises :class:`CLIError` on bad input."""
-    from eval.bench import int_list
-
-    perf = cfg.get("perf")
-    if not isinstance(perf, DictConfig):
-        raise CLIError("suite=perf needs the perf: group of configs/eval/speed.yaml")
-    p: dict[str, Any] = {k: check_int(perf[k], f"perf.{k}", 2 if k == "vocab" else 1) for k in REFERENCE_SIZE}
-    p["repeats"] = check_int(perf.repeats, "perf.repeats")
-    p["long_factor"] = check_int(perf.long_factor, "perf.long_factor", 2)
-    p["stride_long_factor"] = check_int(perf.stride_long_factor, "perf.stride_long_factor", 2)
-    p["batches"] = sorted(set(int_list(perf.batches, "perf.batches")))
+    p: dict[str, Any] = validate(cfg.get("perf"), PERF_KEYS, "perf.")
+    p["batches"] = sorted(set(p["batches"]))
+    p["thresholds"] = list(dict.fromkeys(p["thresholds"]))
+    if p["checkpoint"] is not None:
+        p["checkpoint"] = os.path.expanduser(p["checkpoint"])
+    if p["output"] is not None and p["output"].endswith(".json"):
+        output()(p["output"][: -len(".json")] + ".md", "perf.output")
+    p["threads"] = optional(integer())(cfg.threads, "threads")
+    p["device"] = device_name(cfg.device, "device")
     if p["batches"][0] < 2:
         raise CLIError(f"perf.batches are compared with batch 1; give sizes >= 2; got {p['batches']}")
-    p["thresholds"] = _thresholds(perf.thresholds)
-    p["num_samples"] = check_int(perf.num_samples, "perf.num_samples")
-    p["sample_batch"] = check_int(perf.sample_batch, "perf.sample_batch")
-    p["seed"] = check_int(perf.seed, "perf.seed", 0)
-    p["checkpoint"] = None if perf.checkpoint is None else os.path.expanduser(str(perf.checkpoint))
-    p["judge"] = str(perf.judge)
-    p["output"] = None if perf.output is None else str(perf.output)
-    p["threads"] = None if cfg.threads is None else check_int(cfg.threads, "threads")
-    p["device"] = str(cfg.device)
     if p["block_size"] < 2:
         raise CLIError(f"perf.block_size must be >= 2 (it is compared with block size 1); got {p['block_size']}")
     if p["dim"] % p["heads"]:
@@ -392,3 +402,11 @@ def run_perf(cfg: DictConfig) -> dict[str, Any]:
             write_text(md, markdown_table(rows, title))
             log(f"[perf] wrote {md}")
     return result
+
+
+if __name__ == "__main__":  # python -m eval.perf [perf.repeats=5 ...] = python -m eval.speed suite=perf [...]
+    import sys
+
+    from eval.speed import main
+
+    main(["suite=perf", *sys.argv[1:]])

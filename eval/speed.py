@@ -25,65 +25,70 @@ for the shell). Bad input is one ``error:`` line on stderr and exit code 2.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-import hydra
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig
 
-from eval.bench import build_model, int_list, prompt_token, resolve_device
-from eval.common import CLIError, check_int, cli_main, log, write_json
+from eval.bench import build_model, prompt_token, resolve_device
+from eval.common import (
+    CLIError,
+    boolean,
+    checkpoint,
+    device,
+    hydra_main,
+    integer,
+    list_of,
+    log,
+    number,
+    optional,
+    output,
+    validate,
+    write_json,
+)
+from eval.perf import PERF_KEYS
 
 SUITES = ("default", "perf")
-CACHE_VALUES = {True: True, False: False, "on": True, "off": False, "true": True, "false": False}
 
 
-def _caches(value: object) -> list[bool]:
-    items = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
-    if not items:
-        raise CLIError("cache is empty; give cache=[true], cache=[false] or cache=[true,false]")
-    out = []
-    for v in items:
-        key = v.lower() if isinstance(v, str) else v
-        if not isinstance(key, (bool, str)) or key not in CACHE_VALUES:
-            raise CLIError(f"cache value {v!r} is not one of true, false (or on, off)")
-        out.append(CACHE_VALUES[key])
-    return list(dict.fromkeys(out))
+def _suite(value: object, name: str) -> str:
+    if value not in SUITES:
+        raise CLIError(f"{name} {value!r} is not one of {', '.join(SUITES)}")
+    return str(value)
+
+
+#: Every key of configs/eval/speed.yaml and its check (the perf: group is eval.perf's; cross-key checks below).
+KEYS = {
+    "suite": _suite,
+    "checkpoint": optional(checkpoint(tokenizer=False)),
+    "new_tokens": integer(),
+    "off_tokens": integer(),
+    "block_sizes": list_of(integer(), "block_sizes=[1,4,16]"),
+    "batches": list_of(integer(), "batches=[1,8]"),
+    "cache": list_of(boolean, "cache=[true,false]"),
+    "ar": boolean,
+    "threshold": number(0, 1, low_open=True),
+    "length": integer(),
+    "dim": integer(),
+    "layers": integer(),
+    "heads": integer(),
+    "vocab": integer(2),
+    "threads": optional(integer()),
+    "device": device,
+    "repeats": integer(),
+    "prompt_length": integer(0),
+    "output": optional(output()),
+    "perf": PERF_KEYS,
+}
 
 
 def check_config(cfg: DictConfig) -> dict[str, Any]:
-    """The validated settings of a run (plain Python values); raises :class:`CLIError` on bad input."""
-    ckpt = None if cfg.checkpoint is None else str(cfg.checkpoint)
-    if ckpt is not None and not os.path.isdir(ckpt):
-        raise CLIError(f"checkpoint directory {ckpt!r} does not exist")
-    s: dict[str, Any] = {
-        "checkpoint": ckpt,
-        "new_tokens": check_int(cfg.new_tokens, "new_tokens"),
-        "off_tokens": check_int(cfg.off_tokens, "off_tokens"),
-        "block_sizes": int_list(cfg.block_sizes, "block_sizes"),
-        "batches": int_list(cfg.batches, "batches"),
-        "cache": _caches(cfg.cache),
-        "ar": cfg.ar,
-        "threshold": cfg.threshold,
-        "length": check_int(cfg.length, "length"),
-        "dim": check_int(cfg.dim, "dim"),
-        "layers": check_int(cfg.layers, "layers"),
-        "heads": check_int(cfg.heads, "heads"),
-        "vocab": check_int(cfg.vocab, "vocab", 2),
-        "threads": None if cfg.threads is None else check_int(cfg.threads, "threads"),
-        "device": str(cfg.device),
-        "repeats": check_int(cfg.repeats, "repeats"),
-        "prompt_length": check_int(cfg.prompt_length, "prompt_length", 0),
-        "output": None if cfg.output is None else str(cfg.output),
-    }
-    if not isinstance(s["ar"], bool):
-        raise CLIError(f"ar must be true or false; got {s['ar']!r}")
-    thr = s["threshold"]
-    if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not 0 < thr <= 1:
-        raise CLIError(f"threshold must be a number in (0, 1]; got {thr!r}")
-    s["threshold"] = float(thr)
+    """The validated settings of a run (plain Python values, the perf: group left out); raises :class:`CLIError`
+    on bad input."""
+    s = validate(cfg, KEYS)
+    s.pop("perf")
+    s["cache"] = list(dict.fromkeys(s["cache"]))
     s["off_tokens"] = min(s["off_tokens"], s["new_tokens"])
-    if ckpt is None:
+    if s["checkpoint"] is None:
         if s["dim"] % s["heads"]:
             raise CLIError(f"heads {s['heads']} must divide dim {s['dim']}")
         for bs in s["block_sizes"]:
@@ -139,14 +144,11 @@ def run_speed(cfg: DictConfig) -> dict[str, Any]:
     """Run the benchmark described by ``cfg`` (see ``configs/eval/speed.yaml``), print the table, write
     ``cfg.output`` and return ``{"settings": ..., "rows": [...]}``. Raises :class:`CLIError` / ``ValueError`` on
     bad input. ``suite=perf`` runs :func:`eval.perf.run_perf` instead (its own table and JSON)."""
-    suite = cfg.get("suite", "default")
-    if suite not in SUITES:
-        raise CLIError(f"suite {suite!r} is not one of {', '.join(SUITES)}")
-    if suite == "perf":
+    s = check_config(cfg)
+    if s["suite"] == "perf":
         from eval.perf import run_perf
 
         return run_perf(cfg)
-    s = check_config(cfg)
     import torch
 
     from bd3lm.evaluation.speed import environment, speed
@@ -215,10 +217,7 @@ def run_speed(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-@hydra.main(version_base=None, config_path="../configs/eval", config_name="speed")
-def main(cfg: DictConfig) -> None:
-    cli_main(run_speed, cfg)
-
+main = hydra_main("speed", run_speed)
 
 if __name__ == "__main__":
     main()

@@ -27,12 +27,50 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from eval.common import ROOT, CLIError, cli_main, log, write_json, write_text
+from eval.common import (
+    ROOT,
+    TOP_P_RULES,
+    CLIError,
+    boolean,
+    choice,
+    hydra_main,
+    integer,
+    judge,
+    list_of,
+    log,
+    number,
+    optional,
+    text,
+    validate,
+    write_json,
+    write_text,
+)
+from eval.ppl import PROTOCOLS
 
 RESUMABLE = ("trainer.max_steps=", "trainer.val_every=")  # overrides a larger budget may change on resume
+#: Every key of configs/eval/sweep.yaml and its check (block sizes against model_length in plan()).
+KEYS = {
+    "budget": integer(),
+    "finetune_fraction": number(0, 1, low_open=True),
+    "block_sizes": list_of(integer(), "block_sizes=[4,8,16]"),
+    "finetune_block_size": integer(),
+    "out_dir": text,
+    "results_dir": text,
+    "stage": choice("all", "train", "eval"),
+    "experiment": text,
+    "train_overrides": list_of(text, "'train_overrides=[trainer.accelerator=cpu]'", single=False, empty=True),
+    "seed": integer(0),
+    "threads": optional(integer()),
+    "ppl": {"protocol": choice(*PROTOCOLS), "num_samples": integer(), "max_sequences": integer()},
+    "genppl": {"judge": judge, "num_samples": integer(), "batch_size": integer(),
+               "top_p": number(0, 1, low_open=True), "top_p_rule": choice(*TOP_P_RULES)},
+    "speed": {"repeats": integer()},
+    "long_docs": {"enabled": boolean, "factors": list_of(integer(), "long_docs.factors=[1,4,10]"),
+                  "num_samples": integer()},
+    "lengths": {"enabled": boolean, "num_samples": integer(), "max_factor": integer()},
+}
 
 
 @dataclass(frozen=True)
@@ -299,13 +337,15 @@ def pareto_plot(rows: list[dict], path: Path) -> Path:
 
 def sweep(cfg: DictConfig) -> list[dict]:
     """Train (or keep) every model, evaluate it, write the results; returns the rows."""
+    validate(cfg, KEYS)
+    out = (ROOT / str(cfg.out_dir)).resolve() if not os.path.isabs(str(cfg.out_dir)) else Path(str(cfg.out_dir))
+    results = (ROOT / str(cfg.results_dir)) if not os.path.isabs(str(cfg.results_dir)) else Path(cfg.results_dir)
+    for key, path in (("out_dir", out), ("results_dir", results)):
+        if path.exists() and not path.is_dir():
+            raise CLIError(f"{key} {str(path)!r} is a file; expected a directory")
     models = plan(cfg)
     for m in models:
         steps_of(cfg, m)
-    if str(cfg.stage) not in ("all", "train", "eval"):
-        raise CLIError(f"stage must be all, train or eval; got {cfg.stage!r}")
-    out = (ROOT / str(cfg.out_dir)).resolve() if not os.path.isabs(str(cfg.out_dir)) else Path(str(cfg.out_dir))
-    results = (ROOT / str(cfg.results_dir)) if not os.path.isabs(str(cfg.results_dir)) else Path(cfg.results_dir)
     hf = {}
     if cfg.stage in ("all", "train"):
         for m in models:
@@ -367,10 +407,7 @@ def environment() -> dict:
             "torch": torch.__version__, "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
 
 
-@hydra.main(version_base=None, config_path="../configs/eval", config_name="sweep")
-def main(cfg: DictConfig) -> None:
-    cli_main(sweep, cfg)
-
+main = hydra_main("sweep", sweep)
 
 if __name__ == "__main__":
     main()

@@ -26,10 +26,21 @@ import sys
 import time
 from typing import Any
 
-import hydra
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig
 
-from eval.common import ROOT, CLIError, check_int, cli_main, log, write_json
+from eval.common import (
+    ROOT,
+    CLIError,
+    choice,
+    hydra_main,
+    integer,
+    list_of,
+    log,
+    optional,
+    output,
+    validate,
+    write_json,
+)
 
 VARIANTS = ["bd3lm", "bd3lm-official-like", "mdlm", "ar", "sedd-absorbing", "sedd-uniform", "cedd-absorbing",
             "cedd-roulette"]
@@ -41,28 +52,28 @@ PRECISIONS = ["fp32", "bf16"]
 SIZE_KEYS = ("length", "block_size", "layers", "dim", "vocab", "batch", "steps", "warmup", "threads")
 
 
-def _names(value: object, name: str, allowed: list[str]) -> list[str]:
-    items = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
-    if not items:
-        raise CLIError(f"{name} is empty; give at least one of {', '.join(allowed)}")
-    for v in items:
-        if v not in allowed:
-            raise CLIError(f"{name} value {v!r} is not one of {', '.join(allowed)}")
-    return [str(v) for v in dict.fromkeys(items)]
+#: Every key of configs/eval/train_speed.yaml and its check (cross-key checks in check_config).
+KEYS = {
+    **{k: integer(0 if k == "warmup" else 1) for k in SIZE_KEYS},
+    "variants": list_of(choice(*VARIANTS), "variants=[bd3lm,ar]"),
+    "precisions": list_of(choice(*PRECISIONS), "precisions=[fp32]"),
+    "output": optional(output()),
+    "variant": optional(choice(*VARIANTS)),
+    "precision": optional(choice(*PRECISIONS)),
+}
 
 
 def check_config(cfg: DictConfig) -> dict[str, Any]:
     """The validated settings (plain Python values); raises :class:`CLIError` on bad input."""
-    s: dict[str, Any] = {k: check_int(cfg[k], k, 0 if k == "warmup" else 1) for k in SIZE_KEYS}
+    s = validate(cfg, KEYS)
+    s["variants"] = list(dict.fromkeys(s["variants"]))
+    s["precisions"] = list(dict.fromkeys(s["precisions"]))
     if s["length"] % s["block_size"]:
         raise CLIError(f"block_size {s['block_size']} must divide length {s['length']}")
     if s["dim"] % 64:
         raise CLIError(f"dim must be a multiple of 64 (heads = dim // 64); got {s['dim']}")
     if s["vocab"] < 2:
         raise CLIError(f"vocab must be at least 2 (one token and the mask); got {s['vocab']}")
-    s["variants"] = _names(cfg.variants, "variants", VARIANTS)
-    s["precisions"] = _names(cfg.precisions, "precisions", PRECISIONS)
-    s["output"] = None if cfg.output is None else str(cfg.output)
     return s
 
 
@@ -176,10 +187,9 @@ def run_train_speed(cfg: DictConfig) -> dict[str, Any]:
     process, print its row as one JSON line and return ``{"settings": ..., "rows": [row]}`` (nothing written).
     Raises :class:`CLIError` on bad input."""
     s = check_config(cfg)
-    if cfg.variant is not None:
-        variant = _names(cfg.variant, "variant", VARIANTS)[0]
-        precision = _names(cfg.precision if cfg.precision is not None else "fp32", "precision", PRECISIONS)[0]
-        row = measure_step(s, variant, precision)
+    variant, precision = s.pop("variant"), s.pop("precision")
+    if variant is not None:
+        row = measure_step(s, variant, precision or "fp32")
         print(json.dumps(row), flush=True)
         return {"settings": s, "rows": [row]}
     import torch
@@ -204,10 +214,7 @@ def run_train_speed(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-@hydra.main(version_base=None, config_path="../configs/eval", config_name="train_speed")
-def main(cfg: DictConfig) -> None:
-    cli_main(run_train_speed, cfg)
-
+main = hydra_main("train_speed", run_train_speed)
 
 if __name__ == "__main__":
     main()

@@ -69,7 +69,7 @@ def test_ppl_cli_zero_shot_and_official_protocol(ckpt, corpus, tmp_path):
 
 
 def test_ppl_cli_errors(ckpt, corpus, tmp_path):
-    assert "num_samples (K) must be an integer >= 1; got 0" in one_error_line(
+    assert "num_samples must be an integer >= 1; got 0" in one_error_line(
         run("ppl", f"checkpoint={ckpt}", f"dataset={corpus}", "num_samples=0"))
     small = tmp_path / "small.txt"
     small.write_text("hello world\n")
@@ -174,7 +174,7 @@ def test_sweep_plan_and_resume(tmp_path, monkeypatch):
 
 def test_sweep_cli_plans_inside_hydra_and_rejects_a_bad_stage(tmp_path):
     line = one_error_line(run("sweep", "stage=bogus", f"out_dir={tmp_path / 'runs'}"))
-    assert "stage must be all, train or eval; got 'bogus'" in line
+    assert "stage must be one of all, train, eval; got 'bogus'" in line
 
 
 def test_sweep_table_and_pareto_plot(tmp_path):
