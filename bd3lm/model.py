@@ -21,6 +21,7 @@ call gets 0 on the clean prefix it feeds and the noisy block's σ on that block.
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -31,7 +32,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, Pretrained
 from transformers.utils import ModelOutput
 
 from bd3lm.cache import KVCache
-from bd3lm.checkpoint import check_checkpoint_dir
+from bd3lm.checkpoint import check_checkpoint_dir, check_weights, expected_shapes
 from bd3lm.dit import DITBackbone, check_timesteps, keep_rows
 from bd3lm.graphs import check_family
 from bd3lm.kernels import StructuredMask, resolve_backend
@@ -132,6 +133,8 @@ class BD3LM(PreTrainedModel):
     main_input_name = "input_ids"
     _no_split_modules = ["DDiTBlock"]
     _supports_sdpa = True
+    #: forward takes no loss kwargs (no ``labels``): the HF Trainer must not pass ``num_items_in_batch``.
+    accepts_loss_kwargs = False
 
     def __init__(self, config: BD3LMConfig):
         super().__init__(config)
@@ -143,17 +146,25 @@ class BD3LM(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, strict: bool = True, **kwargs):
-        """Load a directory in the official layout (no remote code); local directories are checked first.
+        """Load a checkpoint in the official layout (no remote code): a local directory, else a Hub model id.
 
-        ``strict`` (default): a missing or unexpected weight is an error, never a silently random tensor.
+        The name is resolved by :func:`bd3lm.hub.resolve_model_dir` (an existing local directory first, then the
+        Hugging Face cache, downloading only when not offline; ``revision``, ``cache_dir``, ``local_files_only``
+        and ``token`` apply to that). The weight files are then checked (:func:`bd3lm.checkpoint.check_weights`):
+        corrupted or truncated bytes, a shape the config does not expect, or a NaN/inf weight is a one-line
+        ``ValueError`` naming the file. ``strict`` (default): a missing or unexpected weight is an error, never a
+        silently random tensor.
         """
-        path = pretrained_model_name_or_path
-        local = os.path.isdir(os.fspath(path)) or os.path.sep in os.fspath(path) or os.fspath(path).startswith(".")
-        if local:
-            check_checkpoint_dir(path)
+        from bd3lm.hub import resolve_model_dir
+
+        hub = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs}
+        path = resolve_model_dir(pretrained_model_name_or_path, **hub)
+        check_checkpoint_dir(path)
+        shapes = None if kwargs.get("ignore_mismatched_sizes") else expected_shapes(cls, path, kwargs)
+        check_weights(path, shapes)
         kwargs.setdefault("output_loading_info", False)
         want_info = kwargs.pop("output_loading_info")
-        model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
+        model, info = super().from_pretrained(os.fspath(path), *args, output_loading_info=True, **kwargs)
         problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
         if strict and problems:
             detail = "; ".join(f"{k}: {sorted(map(str, v))[:5]}" for k, v in problems.items())
@@ -190,6 +201,10 @@ class BD3LM(PreTrainedModel):
         return resolve_backend(self.config.attn_backend, device, grad=grad)
 
     def _check_ids(self, input_ids: Tensor) -> None:
+        if not isinstance(input_ids, Tensor):
+            raise TypeError(f"input_ids must be a (batch, length) tensor of token ids; got {type(input_ids).__name__}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must hold integer token ids (int64 or int32); got dtype {input_ids.dtype}")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, length); got {tuple(input_ids.shape)}")
         if input_ids.numel() and (int(input_ids.max()) >= self.config.vocab_size or int(input_ids.min()) < 0):
@@ -240,7 +255,12 @@ class BD3LM(PreTrainedModel):
                 are never read; every position's keys/values are still cached).
             validate_ids: check that every id lies in the vocabulary (a device sync); a caller that checked its
                 inputs once (the sampler) turns it off for its inner calls.
+            **kwargs: only ``return_dict`` (the Hugging Face convention; ignored: the output is always a
+                :class:`BD3LMOutput`, which also indexes like a tuple). Any other name is a one-line ``TypeError``
+                listing the accepted arguments, so a typo never silently does nothing.
         """
+        if kwargs:
+            _reject_kwargs(kwargs)
         if validate_ids:
             self._check_ids(input_ids)
         if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
@@ -360,6 +380,31 @@ class BD3LM(PreTrainedModel):
             capacity=capacity or cfg.model_length,
             dtype=dtype,
             device=p.device,
+        )
+
+
+#: Keyword arguments forward accepts besides its own: Hugging Face conventions that change nothing here.
+IGNORED_FORWARD_KWARGS = frozenset({"return_dict"})
+#: Arguments of the official code's forward that this implementation spells differently.
+_OFFICIAL_HINTS = {
+    "sample_mode": "sampling is bd3lm.generate; a plain input of length <= model_length is the sampling pass",
+    "store_kv": "the cached forward takes kv_cache=model.new_cache(...) and positions=",
+}
+
+
+def forward_arguments() -> tuple[str, ...]:
+    """The keyword arguments :meth:`BD3LM.forward` accepts (its parameters and :data:`IGNORED_FORWARD_KWARGS`)."""
+    names = [p for p in inspect.signature(BD3LM.forward).parameters if p not in ("self", "kwargs")]
+    return tuple(names) + tuple(sorted(IGNORED_FORWARD_KWARGS))
+
+
+def _reject_kwargs(kwargs: dict) -> None:
+    unknown = sorted(k for k in kwargs if k not in IGNORED_FORWARD_KWARGS)
+    if unknown:
+        hints = "".join(f" ({k}: {_OFFICIAL_HINTS[k]})" for k in unknown if k in _OFFICIAL_HINTS)
+        raise TypeError(
+            f"BD3LM.forward() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}{hints}; "
+            f"accepted: {', '.join(forward_arguments())}"
         )
 
 

@@ -40,7 +40,16 @@ from bd3lm.schedules import NoiseSchedule
 FULL_RANGE = (1e-3, 1.0)
 
 
+def check_token_ids(x: object, name: str = "x0") -> None:
+    """A one-line error unless ``x`` is a tensor of integer token ids (int64 / int32, what embeddings take)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a (batch, length) tensor of token ids; got {type(x).__name__}")
+    if x.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{name} must hold integer token ids (int64 or int32); got dtype {x.dtype}")
+
+
 def _check_batch(model, x0: Tensor) -> tuple[int, int]:
+    check_token_ids(x0)
     if x0.dim() != 2 or x0.shape[0] == 0 or x0.shape[1] == 0:
         raise ValueError(f"x0 must be a non-empty (batch, length) tensor of token ids; got shape {tuple(x0.shape)}")
     if bool((x0 == model.config.mask_index).any()):
@@ -246,8 +255,7 @@ def nelbo(
         raise ValueError(f"num_samples must be an integer >= 1; got {num_samples!r}")
     if not 0.0 <= float(t_min) < 1.0:
         raise ValueError(f"t_min must lie in [0, 1); got {t_min!r}")
-    if torch.is_floating_point(input_ids):
-        raise ValueError(f"input_ids must hold integer token ids; got dtype {input_ids.dtype}")
+    check_token_ids(input_ids, "input_ids")
     if exact is None:
         exact = has_exact_nll(model) and estimator is None
     if exact:

@@ -46,6 +46,7 @@ from torch import Tensor
 from bd3lm.estimates import LossOutput, model_schedule, stratified_t
 from bd3lm.graphs import LOSSES, Graph, check_family, make_graph
 from bd3lm.noise import sample_t
+from bd3lm.objectives import check_token_ids
 from bd3lm.schedules import NoiseSchedule
 
 __all__ = ["CEDD_WEIGHTS", "LOSSES", "check_family", "graph_of", "model_ratios", "score_bound", "score_loss"]
@@ -154,10 +155,9 @@ def _times(bsz: int, n_blocks: int, interval, t, antithetic: bool, generator, de
 
 def _check(model, x0: Tensor) -> tuple[int, int, int]:
     cfg = model.config
+    check_token_ids(x0)
     if x0.dim() != 2 or x0.shape[0] == 0 or x0.shape[1] == 0:
         raise ValueError(f"x0 must be a non-empty (batch, length) tensor of token ids; got shape {tuple(x0.shape)}")
-    if torch.is_floating_point(x0):
-        raise ValueError(f"x0 must hold integer token ids; got dtype {x0.dtype}")
     if bool((x0 == cfg.mask_index).any()):
         raise ValueError(f"x0 contains the mask token id {cfg.mask_index}; clean data never holds it")
     bsz, n = x0.shape

@@ -103,3 +103,68 @@ def test_bad_checkpoint_directories(tmp_path):
     (tmp_path / "c" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="does not match the BD3LM config"):
         bd3lm.BD3LM.from_pretrained(str(tmp_path / "c"))
+
+
+def _one_line_value_error(path, match):
+    with pytest.raises(ValueError, match=match) as err:
+        bd3lm.BD3LM.from_pretrained(path)
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+def test_truncated_or_overwritten_weights_are_refused_naming_the_file(tmp_path):
+    tiny_model().save_pretrained(tmp_path / "t")
+    weights = tmp_path / "t" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) - 100])
+    msg = _one_line_value_error(tmp_path / "t", "corrupted or truncated")
+    assert repr(str(weights)) in msg
+    for cut in (4, 0):  # not even a complete header length
+        weights.write_bytes(data[:cut])
+        _one_line_value_error(tmp_path / "t", "corrupted or truncated")
+    header = bytearray(data)
+    header[10:30] = b"x" * 20
+    weights.write_bytes(bytes(header))
+    _one_line_value_error(tmp_path / "t", "corrupted or truncated")
+
+
+def test_a_tensor_of_the_wrong_shape_is_refused_naming_the_file_and_tensor(tmp_path):
+    tiny_model().save_pretrained(tmp_path / "s")
+    weights = tmp_path / "s" / "model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["backbone.blocks.1.mlp.0.bias"] = torch.zeros(7)  # the config (hidden 32) expects 4 * 32 = 128
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    msg = _one_line_value_error(tmp_path / "s", "'backbone.blocks.1.mlp.0.bias' has shape \\[7\\]")
+    assert repr(str(weights)) in msg and "[128]" in msg
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weights_are_refused_naming_the_first_bad_tensor(tmp_path, bad):
+    tiny_model().save_pretrained(tmp_path / "n")
+    weights = tmp_path / "n" / "model.safetensors"
+    tensors = load_file(str(weights))
+    poisoned = ["backbone.output_layer.linear.weight", "backbone.blocks.1.attn_out.weight"]
+    for name in poisoned:
+        tensors[name][0, 3] = bad
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    msg = _one_line_value_error(tmp_path / "n", "non-finite")
+    assert repr(str(weights)) in msg
+    assert f"first in tensor {min(poisoned)!r}" in msg  # safetensors files list their tensors by name
+
+
+def test_a_non_finite_shard_is_named(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "sh", max_shard_size="20KB")
+    shards = sorted((tmp_path / "sh").glob("model-*.safetensors"))
+    assert len(shards) > 1 and not (tmp_path / "sh" / "model.safetensors").exists()
+    assert torch.equal(bd3lm.BD3LM.from_pretrained(tmp_path / "sh").backbone.vocab_embed.embedding,
+                       model.backbone.vocab_embed.embedding)
+    last = load_file(str(shards[-1]))
+    name = sorted(last)[0]
+    last[name].view(-1)[0] = float("nan")
+    save_file(last, str(shards[-1]), metadata={"format": "pt"})
+    msg = _one_line_value_error(tmp_path / "sh", "non-finite")
+    assert repr(str(shards[-1])) in msg and repr(name) in msg
+    shards[0].unlink()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        bd3lm.BD3LM.from_pretrained(tmp_path / "sh")

@@ -188,3 +188,35 @@ def test_cache_is_allocated_in_the_compute_dtype_and_logits_to_keep_slices():
     assert last.shape == (2, 3, 33) and torch.equal(last, full[:, -3:])
     with pytest.raises(ValueError, match="logits_to_keep must be an integer >= 0"):
         model(input_ids=ids, logits_to_keep=-1)
+
+
+@pytest.mark.parametrize("name", ["sample_mode", "store_kv", "timestep", "logits_to_kep"])
+def test_unknown_forward_keywords_are_a_one_line_type_error(name):
+    model = tiny_model()
+    x = torch.zeros(1, 8, dtype=torch.long)
+    with pytest.raises(TypeError) as err:
+        model(input_ids=x, **{name: True})
+    msg = str(err.value)
+    assert "\n" not in msg and repr(name) in msg
+    accepted = msg.split("accepted: ")[1].split(", ")
+    for real in ("input_ids", "timesteps", "kv_cache", "positions", "attention_mask", "logits_to_keep"):
+        assert real in accepted
+    assert name not in accepted
+
+
+def test_return_dict_is_accepted_and_changes_nothing():
+    model = tiny_model()
+    x = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(input_ids=x).logits
+        for flag in (True, False):
+            out = model(input_ids=x, return_dict=flag)
+            assert torch.equal(out.logits, ref) and torch.equal(out[0], ref)
+
+
+def test_float_ids_are_a_one_line_error():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="input_ids must hold integer token ids .* got dtype torch.float32"):
+        model(input_ids=torch.zeros(1, 8))
+    with pytest.raises(TypeError, match="input_ids must be a \\(batch, length\\) tensor of token ids; got list"):
+        model(input_ids=[[1, 2, 3, 4]])

@@ -6,7 +6,10 @@ call, so the loop's network calls skip input validation.
 
 from __future__ import annotations
 
+import numbers
 import time
+import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -19,6 +22,7 @@ from bd3lm.sampling.layout import default_stride
 from bd3lm.sampling.processing import TokenSampler, check_sampling_args
 from bd3lm.sampling.registry import resolve_rule
 from bd3lm.sampling.rules import BlockRule
+from bd3lm.sampling.steps import DenoisingStep
 from bd3lm.sampling.stopping import Stopping
 
 __all__ = ["GenerationResult", "generate"]
@@ -51,6 +55,36 @@ def _check_int(value: object, name: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
     return value
+
+
+def _check_call_args(input_ids: object, suffix: object, seed: object) -> None:
+    """Text instead of token ids, float ids and a bad seed: one-line errors before any work."""
+    for name, value in (("input_ids", input_ids), ("suffix", suffix)):
+        if isinstance(value, (str, bytes)) or (
+            isinstance(value, (list, tuple)) and any(isinstance(v, (str, bytes)) for v in value)
+        ):
+            raise TypeError(f"{name} must be token ids, not text; tokenize first, e.g. tokenizer(text).input_ids")
+        if isinstance(value, Tensor) and (value.is_floating_point() or value.is_complex()):
+            raise ValueError(f"{name} must hold integer token ids; got dtype {value.dtype}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63):
+        raise ValueError(f"seed must be an integer in [0, 2**63) or None; got {seed!r}")
+
+
+_SIGMA_ZERO_WARNED: weakref.WeakSet = weakref.WeakSet()
+
+
+def _warn_sigma_zero(model, rule: BlockRule) -> None:
+    """Warn once per model when a time-conditioned diffusion model is sampled by a rule that feeds it σ = 0."""
+    cfg = model.config
+    if cfg.causal or not cfg.time_conditioning or getattr(rule, "rewrites", False) or model in _SIGMA_ZERO_WARNED:
+        return
+    _SIGMA_ZERO_WARNED.add(model)
+    name = rule.name or type(rule).__name__
+    warnings.warn(
+        f"the model is time-conditioned (config.time_conditioning=True) but sampler {name!r} conditions it on "
+        "sigma = 0 at every step; sampler='analytic' or 'euler' feeds each step's sigma",
+        UserWarning, stacklevel=3,
+    )
 
 
 def _prompts(
@@ -111,6 +145,7 @@ def generate(
     bos_token_id: int | None = None,
     on_logits: Callable[[list[int], Tensor], None] | None = None,
     suffix: Tensor | Sequence[int] | None = None,
+    on_step: Callable[[DenoisingStep], None] | None = None,
 ) -> GenerationResult:
     """Generate continuations with a BD3-LM (or its AR / MDLM limits) — see the module docstring.
 
@@ -152,10 +187,16 @@ def generate(
         suffix: token ids that must follow the generated span (infilling, :mod:`bd3lm.sampling.infill`):
             whole-sequence models only; every prompt is a prefix of the same length, ``max_new_tokens`` is the
             span (default: what fills ``model_length``) and ``sequences`` are ``prefix + span + suffix``.
+        on_step: ``callback(step)`` called after every denoising step (AR: every token) with one
+            :class:`~bd3lm.sampling.steps.DenoisingStep` per sequence taking part in it: the current block's
+            generated positions (mask ids where still masked), the block and step indices and the positions that
+            changed; a block's last step comes before its ``on_block``. ``None`` (default) costs nothing.
+            :class:`~bd3lm.sampling.display.DenoisingDisplay` renders it.
 
     Returns:
         :class:`GenerationResult`. Raises a one-line ``ValueError`` for invalid arguments.
     """
+    _check_call_args(input_ids, suffix, seed)
     cfg = model.config
     ar = bool(cfg.causal)
     bs = 1 if ar else int(cfg.block_size)
@@ -163,7 +204,7 @@ def generate(
     if suffix is not None:
         ignored = {"stop": stop is not None, "stop_entropy": stop_entropy is not None, "window": window is not None,
                    "window_stride": window_stride is not None, "streaming": streaming, "on_block": on_block is not None,
-                   "on_logits": on_logits is not None}
+                   "on_logits": on_logits is not None, "on_step": on_step is not None}
         if any(ignored.values()):
             raise ValueError(
                 f"{', '.join(k for k, v in ignored.items() if v)} do not apply to infilling (suffix=): the span is "
@@ -178,6 +219,7 @@ def generate(
     _check_int(num_samples, "num_samples", 1)
     check_sampling_args(temperature, top_k, top_p, top_p_rule)
     rule = resolve_rule(model, sampler, bs, steps, threshold, temperature, top_k, top_p)
+    _warn_sigma_zero(model, rule)
     window = length if window is None else window
     _check_int(window, "window", 1)
     if window % bs:
@@ -236,6 +278,7 @@ def generate(
         use_cache=kv_cache,
         stopping=stopping,
         on_logits=on_logits,
+        on_step=on_step,
     )
     was_training = model.training
     model.eval()
@@ -283,6 +326,7 @@ def _generate_infill(
     _check_int(span, "max_new_tokens (the span to fill)", 1)
     check_infill(model, p_len, span, len(suf))
     rule = resolve_rule(model, sampler, span, steps, threshold, temperature, top_k, top_p)  # default steps: span
+    _warn_sigma_zero(model, rule)
     device = next(model.parameters()).device
     gen = torch.Generator(device=device)
     gen.manual_seed(int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed))
