@@ -10,20 +10,23 @@
 Everything a run writes is under ``run_dir``: ``checkpoints/{last,best-*}.ckpt``, ``hf/`` (the EMA weights in
 the Hugging Face layout + tokenizer), ``tokenizer/``, ``csv/metrics.csv``, ``tb/`` (TensorBoard),
 ``config.yaml``, ``training_curves.png``, ``clip_search.jsonl``, ``ranks/``. Running the same command again
-resumes from ``last.ckpt``. Errors are one ``error: ...`` line on stderr with exit status 1 (set
-``BD3LM_DEBUG=1`` for the traceback). Configuration groups live in ``configs/`` (``train.yaml`` is the root).
+resumes from ``last.ckpt`` (a resume may change only the settings listed in ``bd3lm/run_dir.py``). One
+process at a time owns a run_dir (``run_dir/.lock``). SIGTERM/SIGINT stop at the end of the current step
+with a checkpoint (exit status 143/130; no export); a NaN/inf loss or weight stops the run without saving.
+Errors are one ``error: ...`` line on stderr with exit status 1, or 2 when the run is refused (run_dir in
+use, configuration changed on resume); set ``BD3LM_DEBUG=1`` for the traceback. Configuration groups live
+in ``configs/`` (``train.yaml`` is the root).
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import sys
 import tempfile
 import time
 import traceback
-import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -121,16 +124,17 @@ def validate_config(cfg) -> None:
         raise ConfigError(f"algo.cedd_weight must be one or log; got {a.get('cedd_weight')!r}")
 
 
-def prepare_run_dir(cfg) -> Path:
-    """Create ``run_dir`` and check that it is writable."""
+def prepare_run_dir(cfg) -> tuple[Path, bool]:
+    """Create ``run_dir`` and check that it is writable; returns it and whether it was created now."""
     run_dir = Path(os.path.expanduser(str(cfg.run_dir))).resolve()
+    created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=run_dir):
             pass
     except OSError as e:
         raise ConfigError(f"run_dir {run_dir} is not writable ({e.strerror or e})") from None
-    return run_dir
+    return run_dir, created
 
 
 def cache_dir_of(cfg) -> Path:
@@ -139,171 +143,43 @@ def cache_dir_of(cfg) -> Path:
     return resolve_cache_dir(cfg.data.cache_dir)
 
 
-def cpu_has_fast_bf16() -> bool:
-    """True when the CPU has native bf16 matmuls (AVX512-BF16 or AMX); elsewhere bf16 is slow emulation."""
+def init_source(cfg, resume: bool) -> str | None:
+    """Where a fresh start takes its weights and tokenizer from; None for a start from scratch or a resume.
+
+    The one place that interprets ``init_from``: a local directory or Lightning ``.ckpt`` file as given, else a
+    Hugging Face Hub id resolved through the local Hub cache (:func:`bd3lm.hub.resolve_model_dir`; downloaded only
+    when not offline), e.g. ``init_from=kuleshov-group/bd3lm-owt-block_size1024-pretrain``.
+    """
+    if resume or not cfg.init_from:
+        return None
+    name = str(cfg.init_from)
+    if os.path.exists(os.path.expanduser(name)):
+        return os.path.expanduser(name)
+    from bd3lm.hub import resolve_model_dir
+
     try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return str(resolve_model_dir(name))
+    except OSError as exc:
+        raise ConfigError(f"init_from: {one_line(exc)}") from None
 
 
-def resolve_precision(precision: str, accelerator: str) -> str:
-    """``auto`` -> bf16-mixed where bf16 is fast (CUDA with bf16, CPUs with AVX512-BF16/AMX), else 32-true."""
-    if precision != "auto":
-        return str(precision)
-    import torch
+def group_defaults(stored: Mapping) -> dict:
+    """The default configuration of the config groups ``stored`` was composed from (for the keys an old
+    ``config.yaml`` lacks, see :func:`bd3lm.run_dir.check_resume_config`)."""
+    from omegaconf import OmegaConf
 
-    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
-    return "bf16-mixed" if cpu_has_fast_bf16() else "32-true"
-
-
-def build_model(cfg, tokenizer):
-    import bd3lm
-
-    a, m = cfg.algo, cfg.model
-    mask_id = tokenizer.mask_token_id
-    return bd3lm.BD3LM(
-        bd3lm.BD3LMConfig(
-            vocab_size=len(tokenizer),
-            model_length=m.length,
-            block_size=a.block_size,
-            hidden_dim=m.hidden_dim,
-            cond_dim=m.cond_dim,
-            n_blocks=m.n_blocks,
-            n_heads=m.n_heads,
-            dropout=float(m.dropout),
-            attn_backend=m.attn_backend,
-            causal=bool(a.causal),
-            cross_attn=bool(a.cross_attn),
-            adaln=bool(a.adaln),
-            time_conditioning=bool(a.time_conditioning),
-            ignore_bos=bool(a.get("ignore_bos", False)),
-            var_min=bool(a.var_min),
-            sampling_eps_min=1e-3,
-            sampling_eps_max=1.0,
-            mask_token_id=None if mask_id == len(tokenizer) - 1 else mask_id,
-            graph=str(a.get("graph", "absorbing")),
-            loss=str(a.get("loss", "subs")),
-            p_m=None if a.get("p_m") is None else float(a.p_m),
-            noise_schedule=str(cfg.noise.name),
-        )
-    )
-
-
-def build_strategy(cfg):
-    s = cfg.strategy
-    if s.name == "auto":
-        return "auto"
-    if s.name == "ddp":
-        from lightning.pytorch.strategies import DDPStrategy
-
-        return DDPStrategy(
-            process_group_backend=s.process_group_backend,
-            find_unused_parameters=bool(s.find_unused_parameters),
-        )
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    return FSDPStrategy(sharding_strategy=s.sharding_strategy, state_dict_type=s.state_dict_type)
-
-
-def quiet_lightning() -> None:
-    """Keep the console to our own messages: Lightning's info banners and known-benign warnings off."""
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    for pattern in (
-        ".*does not have many workers.*",
-        ".*exists and is not empty.*",
-        ".*sync_dist=True.*",
-        ".*The number of training batches.*",
-        ".*litlogger.*",
-        ".*litmodels.*",
-        ".*`isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
-        ".*LeafSpec.*",
-        ".*Found .* module\\(s\\) in eval mode.*",
-        ".*total_train_batches.*",
-    ):
-        warnings.filterwarnings("ignore", message=pattern)
-
-
-def _is_tty() -> bool:
-    return sys.stdout.isatty() and os.environ.get("TERM", "") != "dumb"
-
-
-def build_trainer(cfg, run_dir: Path, precision: str):
-    import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    from bd3lm.lit_callbacks import (
-        AppendingCSVLogger,
-        LineProgress,
-        PeriodicCheckpoint,
-        StepProgressBar,
-        Throughput,
-    )
-    from bd3lm.lit_checkpoint import AtomicCheckpointIO
-
-    t = cfg.trainer
-    ckpt_dir = run_dir / "checkpoints"
-    callbacks = [
-        ModelCheckpoint(
-            dirpath=ckpt_dir,
-            filename="best-{step:07d}",
-            monitor="val/nll",
-            mode="min",
-            save_top_k=1,
-            save_last=True,
-            enable_version_counter=False,
-            auto_insert_metric_name=False,
-            save_on_train_epoch_end=False,
-        ),
-        Throughput(),
+    overrides = [
+        f"{group}={stored[group]['name']}"
+        for group in ("model", "algo", "noise", "data", "strategy")
+        if isinstance(stored.get(group), Mapping)
+        and (CONFIG_DIR / group / f"{stored[group].get('name')}.yaml").is_file()
     ]
-    if t.ckpt_every:
-        callbacks.append(PeriodicCheckpoint(ckpt_dir / "last.ckpt", t.ckpt_every, t.val_every))
-    bar = t.progress_bar if t.progress_bar != "auto" else ("rich" if _is_tty() else "lines")
-    if bar == "rich":
-        callbacks.append(StepProgressBar(leave=True))
-    elif bar == "lines":
-        callbacks.append(LineProgress(every=max(t.log_every, t.val_every // 10 if t.val_every >= 10 else 1)))
-    loggers = [
-        AppendingCSVLogger(
-            str(run_dir), name="", version="csv", flush_logs_every_n_steps=max(1, t.log_every * 10)
-        ),
-        TensorBoardLogger(str(run_dir), name="", version="tb", default_hp_metric=False),
-    ]
-    accum = int(t.accumulate_grad_batches)
-    return L.Trainer(
-        accelerator=t.accelerator,
-        devices=t.devices,
-        num_nodes=t.num_nodes,
-        strategy=build_strategy(cfg),
-        precision=precision,
-        max_steps=t.max_steps,
-        max_epochs=-1,
-        val_check_interval=t.val_every * accum,
-        check_val_every_n_epoch=None,
-        limit_val_batches=t.limit_val_batches if t.limit_val_batches else 1.0,
-        num_sanity_val_steps=t.num_sanity_val_steps,
-        accumulate_grad_batches=accum,
-        gradient_clip_val=cfg.optim.grad_clip or None,
-        gradient_clip_algorithm="norm",
-        log_every_n_steps=t.log_every,
-        callbacks=callbacks,
-        logger=loggers,
-        plugins=[AtomicCheckpointIO()],
-        enable_progress_bar=bar == "rich",
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        deterministic=bool(t.deterministic),
-        default_root_dir=str(run_dir),
-    )
+    return OmegaConf.to_container(compose_config(overrides), resolve=True)
 
 
 def export_from_checkpoint(cfg, run_dir: Path, tokenizer) -> Path:
     """``mode=export``: write ``run_dir/hf`` from ``last.ckpt`` (EMA weights) without training."""
+    from bd3lm.lit_build import build_model
     from bd3lm.lit_checkpoint import export_hf, inspect_checkpoint, read_state_dict
 
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -318,72 +194,78 @@ def export_from_checkpoint(cfg, run_dir: Path, tokenizer) -> Path:
 
 
 def run(cfg) -> dict:
-    """Train (or export) according to ``cfg``; returns the summary dict (also printed on rank 0)."""
+    """Train (or export) according to ``cfg``; returns the summary dict (also printed on rank 0).
+
+    Holds the run_dir lock throughout (global rank 0) and refuses a configuration the run_dir was not started
+    with, before writing anything; a start that fails leaves the run_dir as it was.
+    """
     validate_config(cfg)
-    run_dir = prepare_run_dir(cfg)
-    import lightning as L
     from omegaconf import OmegaConf
+
+    from bd3lm.faults import Interrupted
+    from bd3lm.run_dir import check_resume_config, owns_run_dir, run_dir_lock
+
+    run_dir, created = prepare_run_dir(cfg)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    owner = owns_run_dir()
+    try:
+        with run_dir_lock(run_dir, created=created, owner=owner):
+            resume = last.is_file()
+            new = OmegaConf.to_container(cfg, resolve=True)
+            check_resume_config(run_dir, new, resuming=resume, defaults=group_defaults)
+            return _run(cfg, run_dir, resume=resume, owner=owner)
+    except Interrupted as e:  # raised by the signal handlers of main() outside the training loop
+        raise e.located(step=None, checkpoint=last) from None
+
+
+def commit_start(cfg, run_dir: Path, tokenizer, *, global_zero: bool) -> None:
+    """Write what a start leaves in ``run_dir`` -- the tokenizer (first start) and ``config.yaml`` -- once
+    everything it needs has loaded: a start that fails earlier writes nothing that a rerun would reuse."""
+    from omegaconf import OmegaConf
+
+    from bd3lm.atomic import write_text_atomic
+    from bd3lm.lit_data import local_rank_from_env, save_run_tokenizer
+
+    if local_rank_from_env() == 0:
+        save_run_tokenizer(tokenizer, run_dir)
+    if global_zero:
+        write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def _run(cfg, run_dir: Path, *, resume: bool, owner: bool) -> dict:
+    import lightning as L
     from transformers.utils import logging as hf_logging
+
+    from bd3lm.lit_build import build_model, build_trainer, quiet_lightning, resolve_precision, train_settings
 
     quiet_lightning()
     hf_logging.disable_progress_bar()
 
-    from bd3lm.lit import BD3LMLit, TrainSettings
+    from bd3lm.lit import BD3LMLit
     from bd3lm.lit_callbacks import Throughput, plot_metrics
     from bd3lm.lit_checkpoint import clean_stale_temporaries, export_hf, inspect_checkpoint, load_init_weights
-    from bd3lm.lit_data import (
-        ChunkDataModule,
-        local_rank_from_env,
-        prepare_datasets,
-        prepare_tokenizer,
-        save_run_tokenizer,
-    )
+    from bd3lm.lit_data import ChunkDataModule, local_rank_from_env, prepare_datasets, prepare_tokenizer
 
     t0 = time.perf_counter()
     seed = int(cfg.seed)
     cache_dir = cache_dir_of(cfg)
     last = run_dir / "checkpoints" / "last.ckpt"
-    if local_rank_from_env() == 0 and os.environ.get("NODE_RANK", "0") in ("", "0"):
+    if owner:
         clean_stale_temporaries(run_dir)
-    resume = last.is_file()
     if resume:  # fail early, before anything else is written, on a corrupt checkpoint
-        ckpt = inspect_checkpoint(last)
-        resumed_step = int(ckpt.get("global_step", 0))
-        del ckpt
-    tokenizer = prepare_tokenizer(
-        cfg.data, run_dir=run_dir, cache_dir=cache_dir, seed=seed, init_from=None if resume else cfg.init_from
-    )
+        resumed_step = int(inspect_checkpoint(last).get("global_step", 0))
+    init_from = init_source(cfg, resume)
+    tokenizer = prepare_tokenizer(cfg.data, run_dir=run_dir, cache_dir=cache_dir, seed=seed, init_from=init_from)
     if cfg.mode == "export":
         out = export_from_checkpoint(cfg, run_dir, tokenizer)
         print(f"exported {out}")
         return {"export": str(out)}
     train, valid = prepare_datasets(cfg.data, tokenizer, cfg.model.length, cache_dir=cache_dir, seed=seed)
-    if local_rank_from_env() == 0:
-        save_run_tokenizer(tokenizer, run_dir)
 
     L.seed_everything(seed, workers=True, verbose=False)
     model = build_model(cfg, tokenizer)
-    init_info = None
-    if cfg.init_from and not resume:
-        init_info = load_init_weights(model, cfg.init_from)
-    settings = TrainSettings(
-        lr=float(cfg.optim.lr),
-        betas=tuple(cfg.optim.betas),
-        eps=float(cfg.optim.eps),
-        weight_decay=float(cfg.optim.weight_decay),
-        warmup_steps=int(cfg.optim.warmup_steps),
-        ema_decay=float(cfg.ema.decay) if cfg.ema.decay else None,
-        schedule=str(cfg.noise.name),
-        seed=seed,
-        search_every=int(cfg.algo.search_every or 0),
-        search_batches=int(cfg.algo.search_batches),
-        clip_widths=tuple(cfg.algo.clip_widths),
-        var_min=bool(cfg.algo.var_min),
-        cedd_weight=str(cfg.algo.get("cedd_weight", "one")),
-        log_dir=str(run_dir),
-        init_eval=init_info or {},
-    )
-    lit = BD3LMLit(model, settings)
+    init_info = load_init_weights(model, init_from) if init_from else None
+    lit = BD3LMLit(model, train_settings(cfg, run_dir, init_info))
     dm = ChunkDataModule(
         train,
         valid,
@@ -395,13 +277,13 @@ def run(cfg) -> dict:
     precision = resolve_precision(str(cfg.trainer.precision), str(cfg.trainer.accelerator))
     trainer = build_trainer(cfg, run_dir, precision)
     rank0 = local_rank_from_env() == 0 and trainer.is_global_zero
+    commit_start(cfg, run_dir, tokenizer, global_zero=rank0)
     n_params = sum(p.numel() for p in model.parameters())
     if rank0:
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         what = (
             f"resuming from {last} (step {resumed_step})"
             if resume
-            else (f"warm start from {cfg.init_from}" if init_info else "fresh start")
+            else (f"warm start from {init_from}" if init_info else "fresh start")
         )
         print(
             f"bd3lm: {cfg.algo.name} L={cfg.model.length} L'={cfg.algo.block_size}, {n_params / 1e6:.2f}M "
@@ -492,7 +374,10 @@ def main(argv: list[str] | None = None) -> int:
 
             print(OmegaConf.to_yaml(cfg, resolve=True))
             return 0
-        run(cfg)
+        from bd3lm.faults import interrupt_handlers
+
+        with interrupt_handlers():  # SIGTERM/SIGINT -> Interrupted (the training loop stops at a step boundary)
+            run(cfg)
         return 0
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
@@ -500,8 +385,14 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - the top level turns every failure into one line
         if os.environ.get("BD3LM_DEBUG"):
             traceback.print_exc()
-        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
-        return 1
+        if getattr(e, "signum", None):  # bd3lm.faults.Interrupted: not an error; every rank stopped, one says so
+            from bd3lm.run_dir import owns_run_dir
+
+            if owns_run_dir():
+                print(str(e), file=sys.stderr, flush=True)
+        else:
+            print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+        return int(getattr(e, "exit_code", 1))
 
 
 if __name__ == "__main__":

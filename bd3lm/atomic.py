@@ -52,3 +52,22 @@ def atomic_directory(target: str | os.PathLike, *, replace: bool = True) -> Iter
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_text_atomic(target: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``target`` through a temporary file beside it and ``os.replace`` (never half-written)."""
+    out = Path(target)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, default_mode())
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return out

@@ -119,11 +119,20 @@ def _split_text(text: str) -> list[str]:
 
 
 def _read_text_file(path: Path) -> str:
-    if path.name.lower().endswith(".gz"):
-        with gzip.open(path, "rt", encoding="utf-8", newline="") as f:
-            return f.read()
-    with open(path, encoding="utf-8", newline="") as f:
-        return f.read()
+    """The text of a ``.txt``/``.txt.gz`` file (no newline translation); ``ValueError`` naming the file, the
+    line and the byte when it is not UTF-8."""
+    gz = path.name.lower().endswith(".gz")
+    with gzip.open(path, "rb") if gz else open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        where = " (after decompression)" if gz else ""
+        raise ValueError(
+            f"corpus {path} is not UTF-8 text: invalid byte 0x{data[e.start]:02x} at offset {e.start}{where}, "
+            f"line {line}; convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
 
 
 def _load_with_datasets(spec: str, text_field: str, **kwargs: object) -> list[str]:
@@ -156,7 +165,8 @@ def read_documents(path: str, text_field: str = "text") -> list[str]:
     Raises:
         FileNotFoundError: ``path`` is not an existing local file/directory and is not a loadable hub name
             (a path-like spec, or any name while offline).
-        ValueError: unsupported file type, missing ``text_field``, or a corpus with no non-whitespace text.
+        ValueError: unsupported file type, missing ``text_field``, a local file that is not UTF-8 (naming the
+            file), or a corpus with no non-whitespace text.
     """
     p = Path(os.path.expanduser(path))
     if p.is_file():
@@ -165,7 +175,10 @@ def read_documents(path: str, text_field: str = "text") -> list[str]:
         if name.endswith(_TEXT_SUFFIXES):
             docs = _split_text(_read_text_file(p))
         elif suffix in _DATASET_SUFFIXES:
-            docs = _load_with_datasets(_DATASET_SUFFIXES[suffix], text_field, data_files=str(p))
+            try:
+                docs = _load_with_datasets(_DATASET_SUFFIXES[suffix], text_field, data_files=str(p))
+            except UnicodeDecodeError as e:
+                raise ValueError(f"corpus {p} is not UTF-8 text ({e.reason} at byte {e.start} of a record)") from None
         else:
             raise ValueError(
                 f"unsupported corpus file type {p.name!r}: expected .txt, .txt.gz, .jsonl, .json or .parquet"

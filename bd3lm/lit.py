@@ -18,7 +18,6 @@ Data, callbacks and checkpoint/export helpers live in :mod:`bd3lm.lit_data`, :mo
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -30,6 +29,7 @@ import torch
 from torch import Tensor
 
 from bd3lm.ema import EMA
+from bd3lm.faults import dumps
 from bd3lm.lit_checkpoint import rng_state, set_rng_state
 from bd3lm.model import BD3LM
 from bd3lm.noise import rank_generator
@@ -51,6 +51,8 @@ class TrainSettings:
     eps: float = 1e-8
     weight_decay: float = 0.0
     warmup_steps: int = 2500
+    lr_schedule: str = "constant"
+    total_steps: int | None = None
     ema_decay: float | None = 0.9999
     schedule: str = "loglinear"
     seed: int = 1
@@ -160,13 +162,22 @@ class BD3LMLit(L.LightningModule):
     # ------------------------------------------------------------------ setup / optimisation
 
     def configure_optimizers(self):
-        from transformers import get_constant_schedule_with_warmup
+        from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
         s = self.settings
         opt = torch.optim.AdamW(
             self.model.parameters(), lr=s.lr, betas=tuple(s.betas), eps=s.eps, weight_decay=s.weight_decay
         )
-        sched = get_constant_schedule_with_warmup(opt, num_warmup_steps=int(s.warmup_steps))
+        if s.lr_schedule == "cosine":
+            if not s.total_steps:
+                raise ValueError("lr_schedule 'cosine' needs total_steps (trainer.max_steps)")
+            sched = get_cosine_schedule_with_warmup(
+                opt, num_warmup_steps=int(s.warmup_steps), num_training_steps=int(s.total_steps)
+            )
+        elif s.lr_schedule == "constant":
+            sched = get_constant_schedule_with_warmup(opt, num_warmup_steps=int(s.warmup_steps))
+        else:
+            raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {s.lr_schedule!r}")
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
     def on_fit_start(self) -> None:
@@ -308,7 +319,7 @@ class BD3LMLit(L.LightningModule):
                 ],
             }
             with open(Path(self.settings.log_dir) / "clip_search.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
+                f.write(dumps(rec) + "\n")
         top = ", ".join(
             f"[{r['interval'][0]:.3g},{r['interval'][1]:.3g}] var {r['variance']:.4g}" for r in rows[:3]
         )
@@ -432,4 +443,4 @@ class BD3LMLit(L.LightningModule):
         }
         out = Path(self.settings.log_dir) / "ranks"
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"rank{self.global_rank}.json").write_text(json.dumps(self.rank_info) + "\n")
+        (out / f"rank{self.global_rank}.json").write_text(dumps(self.rank_info) + "\n")

@@ -3,7 +3,8 @@
 The core data layer (:mod:`bd3lm.data`, :mod:`bd3lm.tokenizer`) reads, tokenises, packs and caches a corpus;
 this module adds what a training run needs on top:
 
-* :func:`prepare_tokenizer`: the run's tokenizer, saved in ``run_dir/tokenizer`` (a resumed run reuses it).
+* :func:`prepare_tokenizer`: the run's tokenizer, saved in ``run_dir/tokenizer`` once a start succeeds (a
+  resumed run reuses it).
   For ``tokenizer: bpe`` a byte-level BPE is trained on the *training split only* and cached by
   corpus/options.
 * :class:`ResumableSampler`: an infinite stream of seeded per-epoch permutations, sharded across ranks. Its
@@ -123,7 +124,8 @@ def prepare_tokenizer(
     (fine-tuning keeps the pretrained vocabulary) > ``data_cfg.tokenizer``: ``"bpe"`` (trained on the training
     split, vocabulary ``data_cfg.vocab_size`` including the mask, cached in ``cache_dir``), ``"gpt2"`` or a
     tokenizer directory. Nothing is written to ``run_dir`` here: :func:`save_run_tokenizer` does that once the
-    data is known to be good. Non-zero local ranks wait for local rank 0 to have saved ``run_dir/tokenizer``.
+    whole start has succeeded (``train.commit_start``), so a failed start leaves no tokenizer that would win over
+    the next one. Non-zero local ranks wait for local rank 0 to have saved ``run_dir/tokenizer``.
     """
     target = run_dir / "tokenizer"
     if (target / TOKENIZER_FILE).is_file():
