@@ -1,20 +1,29 @@
 """Generate text with a trained BD3-LM checkpoint (Hydra CLI over :func:`bd3lm.sampling.generate`).
 
-    python generate.py checkpoint=DIR [prompt="text" | prompts_file=FILE] num_samples=N max_new_tokens=N \\
+    python generate.py checkpoint=DIR [prompt=TEXT | prompts_file=FILE] num_samples=N max_new_tokens=N \\
         sampler=first_hitting|ddpm|confidence|analytic|euler steps=... [suffix=TEXT] threshold=... \\
         temperature=... top_k=... top_p=... \\
-        top_p_rule=hf|official seed=... output=FILE.jsonl
+        top_p_rule=hf|official seed=... output=FILE.jsonl [show_steps=true step_delay=0.2]
 
 The model is ``BD3LM.from_pretrained(DIR)`` and the tokenizer ``AutoTokenizer.from_pretrained(DIR)`` (the
-training
-pipeline saves one there). Text is printed block by block as blocks are committed (a live ``rich`` view on a
-terminal, plain text otherwise: one sample streams, several are printed when done). ``output=`` writes one
-JSON
-record per sample: ``index``, ``prompt``, ``text`` (generated text), ``token_ids`` (generated ids),
-``prompt_ids``, ``stop_reason``, ``nfe``. Nothing is written to the working directory (Hydra's run directory
-and
-logs are disabled, see ``configs/generate.yaml``). Bad input is one ``error:`` line on stderr and exit code 2.
-Values with commas, colons or quotes need Hydra quoting: ``'prompt="Hello, world"'``.
+training pipeline saves one there). ``prompt=``, ``suffix=``, ``checkpoint=``, ``prompts_file=`` and ``output=``
+are taken verbatim from the command line (everything after the first ``=``: commas, colons, quotes, ``${...}``
+are text, not Hydra syntax), so ``prompt="To be, or not to be"`` needs only the shell's quotes. A prompt longer
+than the attention window (``window``, default ``model_length``) works: the sampler is given its last tokens,
+exactly those its sliding window attends for the first block (``prompt_ids_unread`` counts the others; see
+:func:`generate_args.unread_prompt_tokens`).
+
+Text is printed block by block as blocks are committed (a live ``rich`` view on a terminal, plain text
+otherwise: one sample streams, several are printed as each one finishes). ``show_steps=true`` draws every
+denoising step instead (:class:`bd3lm.sampling.display.DenoisingDisplay`): the current block's masked positions
+(``░``) filling in, step by step, before it is committed; ``step_delay=`` slows it down to follow by eye.
+
+``output=`` writes one JSON record per sample: ``index``, ``prompt``, ``text`` (generated text), ``token_ids``
+(generated ids), ``prompt_ids`` (the tokenized prompt, BOS included), ``prompt_ids_unread``, ``stop_reason``,
+``nfe``; the file is replaced atomically (a temporary file beside it, then a rename). Ctrl-C keeps the samples
+finished so far (written to ``output=``), prints ``interrupted: wrote K of N samples to FILE`` and exits with code
+130. Nothing else is written (Hydra's run directory and logs are disabled, see ``configs/generate.yaml``). Bad input
+is one ``error:`` line on stderr and exit code 2, reported before the model is loaded whenever it can be.
 """
 
 from __future__ import annotations
@@ -22,266 +31,270 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-DTYPES = {
-    "float32": "float32",
-    "fp32": "float32",
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-    "float16": "float16",
-    "fp16": "float16",
-}
-MAX_PANELS = 8
-TOP_P_RULES = ("hf", "official")  # bd3lm.sampling.processing.TOP_P_RULES (not imported: it pulls in torch)
+from generate_args import (
+    DTYPES,
+    CLIError,
+    check_checkpoint_files,
+    check_options,
+    check_output_path,
+    check_overrides,
+    one_line,
+    read_prompts,
+    split_text_args,
+    unread_prompt_tokens,
+)
 
-
-class CLIError(Exception):
-    """A user error reported as one line."""
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
-def read_prompts(cfg: DictConfig) -> list[str] | None:
-    """The prompt texts, or ``None`` for unconditional generation."""
-    if cfg.prompt is not None and cfg.prompts_file is not None:
-        raise CLIError("give either prompt= or prompts_file=, not both")
-    if cfg.prompt is not None:
-        text = str(cfg.prompt)
-        if not text.strip():
-            raise CLIError("prompt is empty; omit prompt= for unconditional generation")
-        return [text]
-    if cfg.prompts_file is not None:
-        path = Path(str(cfg.prompts_file))
-        if not path.is_file():
-            raise CLIError(f"prompts_file {str(path)!r} does not exist")
-        prompts = [
-            line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
-        ]
-        if not prompts:
-            raise CLIError(f"prompts_file {str(path)!r} contains no prompts (one per non-empty line)")
-        return prompts
-    return None
+#: Absolute, so that Hydra finds it whether this file runs as a script or is imported.
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+#: The verbatim text options of the current command line (Hydra's config is composed without them).
+TEXT_ARGS: dict[str, str] = {}
 
 
-class Display:
-    """Prints samples block by block: ``rich`` live panels on a TTY, plain text otherwise."""
-
-    def __init__(self, tok, n: int, prompts: list[str | None], enabled: bool) -> None:
-        self.tok, self.n, self.prompts = tok, n, prompts
-        self.ids: list[list[int]] = [[] for _ in range(n)]
-        self.shown = [""] * n
-        self.done = [False] * n
-        self.enabled = enabled
-        self.rich = enabled and sys.stdout.isatty()
-        self.live = None
-        self.streamed_plain = enabled and not self.rich and n == 1
-        if self.rich:
-            from rich.console import Console
-            from rich.live import Live
-
-            self.console = Console()
-            self.live = Live(self._render(), console=self.console, refresh_per_second=8)
-            self.live.start()
-        elif self.streamed_plain and prompts[0]:
-            sys.stdout.write(prompts[0])
-            sys.stdout.flush()
-
-    def text(self, i: int) -> str:
-        """Decoded generated text of sample i, without a trailing incomplete UTF-8 sequence."""
-        return self.tok.decode(self.ids[i], skip_special_tokens=False).rstrip("\ufffd")
-
-    def _render(self):
-        from rich.console import Group
-        from rich.panel import Panel
-        from rich.text import Text
-
-        if self.n > MAX_PANELS:
-            return Text(
-                f"{sum(self.done)}/{self.n} samples finished, "
-                f"{sum(len(x) for x in self.ids)} tokens generated"
-            )
-        panels = []
-        for i in range(self.n):
-            body = Text(self.prompts[i] or "", style="bold")
-            body.append(self.shown[i][-2000:])
-            panels.append(Panel(body, title=f"sample {i}", border_style="green" if self.done[i] else "blue"))
-        return Group(*panels)
-
-    def on_block(self, i: int, new_ids) -> None:
-        self.ids[i].extend(int(t) for t in new_ids)
-        if not self.enabled:
-            return
-        text = self.text(i)
-        if self.streamed_plain:
-            delta = text[len(self.shown[i]) :] if text.startswith(self.shown[i]) else "\n" + text
-            sys.stdout.write(delta)
-            sys.stdout.flush()
-        self.shown[i] = text
-        if self.live is not None:
-            self.live.update(self._render())
-
-    def finish(self, reasons: list[str]) -> None:
-        if not self.enabled:
-            return
-        self.done = [True] * self.n
-        for i in range(self.n):
-            self.shown[i] = self.text(i)
-        if self.live is not None:
-            self.live.update(self._render())
-            self.live.stop()
-            if self.n > MAX_PANELS:
-                for i in range(self.n):
-                    self.console.rule(f"sample {i} ({reasons[i]})")
-                    self.console.print((self.prompts[i] or "") + self.shown[i], markup=False, highlight=False)
-        elif self.streamed_plain:
-            sys.stdout.write("\n")
-        else:
-            for i in range(self.n):
-                print(f"===== sample {i} ({reasons[i]}) =====")
-                print((self.prompts[i] or "") + self.shown[i])
-        sys.stdout.flush()
+def _values(cfg: DictConfig, text: dict[str, str] | None) -> dict[str, object]:
+    """The options as plain Python values: Hydra's (resolved) config, then the verbatim text options."""
+    try:
+        values = OmegaConf.to_container(cfg, resolve=True)
+    except Exception as exc:  # noqa: BLE001 - e.g. an interpolation that does not resolve
+        raise CLIError(f"cannot resolve the options: {one_line(exc)}") from None
+    values.update(text or {})
+    return values
 
 
-def run(cfg: DictConfig) -> int:
-    """Load, generate, display and write the samples; raises :class:`CLIError` / ``ValueError`` on bad
-    input."""
-    if cfg.checkpoint is None:
-        raise CLIError("checkpoint=DIR is required (a directory written by save_pretrained)")
-    ckpt = str(cfg.checkpoint)
-    if not os.path.isdir(ckpt):  # checked before the slow imports below
-        raise CLIError(f"checkpoint directory {ckpt!r} does not exist")
-    prompts = read_prompts(cfg)
-    if str(cfg.dtype) not in DTYPES:
-        raise CLIError(f"dtype {cfg.dtype!r} is not one of {', '.join(DTYPES)}")
-    top_p_rule = cfg.get("top_p_rule", "hf")
-    if top_p_rule not in TOP_P_RULES:  # same check and message as bd3lm.sampling.processing, without torch
-        raise CLIError(f"top_p_rule must be 'hf' or 'official'; got {top_p_rule!r}")
+def resolve_checkpoint(name: str) -> str:
+    """``name`` if it is a local path, else the directory of Hub model ``name`` in the Hugging Face cache
+    (:func:`bd3lm.hub.resolve_model_dir`: downloaded only when not offline); one-line :class:`CLIError`s."""
+    path = os.path.expanduser(name)
+    if os.path.exists(path):
+        return path
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
 
-    import torch
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return path  # not a Hub id: check_checkpoint_files says the directory does not exist
+    from bd3lm.hub import resolve_model_dir
+
+    try:
+        return str(resolve_model_dir(name))
+    except OSError as exc:  # FileNotFoundError included: not cached while offline, download failed
+        raise CLIError(one_line(exc)) from None
+
+
+def load(ckpt: str, device, dtype, tokenizer: str | None = None):
+    """``(tokenizer, model)`` of ``ckpt`` on ``device``; any loading failure is a one-line :class:`CLIError`.
+    ``tokenizer``: ``gpt2`` or a tokenizer directory instead of the checkpoint's own."""
     from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     import bd3lm
-    from bd3lm.checkpoint import check_checkpoint_dir
+    from bd3lm.tokenizer import load_tokenizer
+
+    try:
+        if tokenizer is None:
+            tok = AutoTokenizer.from_pretrained(ckpt, local_files_only=True)
+        else:
+            tok = load_tokenizer(tokenizer if tokenizer == "gpt2" else os.path.expanduser(tokenizer))
+    except Exception as exc:  # noqa: BLE001 - any loading failure is a one-line user error
+        hint = "" if tokenizer else " (the official BD3-LM checkpoints ship none: add tokenizer=gpt2)"
+        raise CLIError(f"could not load a tokenizer from {tokenizer or ckpt!r}{hint}: {one_line(exc)}") from None
+    try:
+        model = bd3lm.BD3LM.from_pretrained(ckpt)
+    except ValueError as exc:  # BD3LM's checks (damaged, mismatched, non-finite weights): one line already
+        raise CLIError(one_line(exc)) from None
+    except Exception as exc:  # noqa: BLE001
+        raise CLIError(f"could not load the model from {ckpt!r}: {one_line(exc)}") from None
+    if len(tok) > model.config.vocab_size:
+        raise CLIError(f"tokenizer has {len(tok)} tokens but the model's vocabulary is {model.config.vocab_size}")
+    return tok, model.to(device, dtype).eval()
+
+
+def run(cfg: DictConfig, text: dict[str, str] | None = None) -> int:
+    """Check the options, load, generate, display and write the samples; returns the exit code (0, or 130 when
+    interrupted). ``text``: the verbatim text options (they override ``cfg``). Raises :class:`CLIError` /
+    ``ValueError`` on bad input."""
+    opts = check_options(_values(cfg, text))
+    prompts = read_prompts(opts)
+    out = None if opts.output is None else check_output_path(opts.output)
+    ckpt = check_checkpoint_files(resolve_checkpoint(opts.checkpoint))
+
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from bd3lm.atomic import write_text_atomic
     from bd3lm.sampling import generate
+    from bd3lm.sampling.layout import default_stride
     from eval.bench import resolve_device
+    from generate_view import Display, Progress
 
     hf_logging.disable_progress_bar()  # keep stderr to the summary line (or the one error line)
     hf_logging.set_verbosity_error()
-    check_checkpoint_dir(ckpt)
-    torch_device = resolve_device(str(cfg.device))
-    try:
-        tok = AutoTokenizer.from_pretrained(ckpt, local_files_only=True)
-    except Exception as exc:  # noqa: BLE001 - any loading failure is a one-line user error
-        raise CLIError(f"could not load a tokenizer from {ckpt!r}: {_one_line(exc)}") from None
-    model = bd3lm.BD3LM.from_pretrained(ckpt).to(torch_device, getattr(torch, DTYPES[str(cfg.dtype)])).eval()
-    vocab = model.config.vocab_size
-    if len(tok) > vocab:
-        raise CLIError(f"tokenizer has {len(tok)} tokens but the model's vocabulary is {vocab}")
+    tok, model = load(ckpt, resolve_device(opts.device), getattr(torch, DTYPES[opts.dtype]), opts.tokenizer)
+    mc = model.config
+    causal = bool(mc.causal)
+    bs = 1 if causal else int(mc.block_size)
 
-    bos = tok.bos_token_id if cfg.add_bos else None
-    n_samples = int(cfg.num_samples)
-    if prompts is None:
-        input_ids, shown_prompts = None, [None] * n_samples
-    else:
-        input_ids = []
-        for text in prompts:
-            ids = tok(text, add_special_tokens=False)["input_ids"]
-            input_ids.append(torch.tensor(([bos] if bos is not None else []) + ids, dtype=torch.long))
-        shown_prompts = [p for p in prompts for _ in range(n_samples)]
-    stop = tok.eos_token_id if cfg.stop_at_eos and tok.eos_token_id is not None else None
-    suffix_text = cfg.get("suffix")
+    bos = tok.bos_token_id if opts.add_bos else None
+    n_samples = opts.num_samples
     suffix = None
-    if suffix_text is not None:
-        suffix = tok(str(suffix_text), add_special_tokens=False)["input_ids"]
+    if opts.suffix is not None:
+        suffix = tok(opts.suffix, add_special_tokens=False)["input_ids"]
         if not suffix:
             raise CLIError("suffix is empty; omit suffix= to continue the prompt instead of infilling")
-        stop = None  # the span's length is fixed by the suffix's position
+    window = opts.window or int(mc.model_length)
+    stride = opts.window_stride or default_stride(window, bs, opts.streaming)
+    slides = suffix is None and window % bs == 0 and stride % bs == 0 and stride <= window  # else generate() errs
+    if prompts is None:
+        full_ids, input_ids, shown = [[] if bos is None else [bos]], None, [None] * n_samples
+        unread = [0]
+    else:
+        full_ids = [([] if bos is None else [bos]) + tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        unread = [unread_prompt_tokens(len(ids), bs, window, stride, causal) if slides else 0 for ids in full_ids]
+        input_ids = [torch.tensor(ids[d:], dtype=torch.long) for ids, d in zip(full_ids, unread, strict=True)]
+        shown = [p for p in prompts for _ in range(n_samples)]
+        if any(unread):
+            print(f"note: {sum(map(bool, unread))} prompt(s) longer than the {window}-token window: the model reads "
+                  "only their last tokens (JSONL field prompt_ids_unread)", file=sys.stderr)
+    fed = [len(ids) - d for ids, d in zip(full_ids, unread, strict=True)]  # prompt tokens given to the sampler
+    if suffix is not None and mc.block_size == mc.model_length and not causal:
+        total = len(full_ids[0]) + (opts.max_new_tokens or 1) + len(suffix)
+        if total > mc.model_length:
+            raise CLIError(
+                f"prompt ({len(full_ids[0])} tokens) + max_new_tokens ({opts.max_new_tokens}) + suffix "
+                f"({len(suffix)} tokens) = {total} tokens exceed the model's length {mc.model_length}; shorten the "
+                "prompt or the suffix, or lower max_new_tokens"
+            )
+    stop = tok.eos_token_id if opts.stop_at_eos and tok.eos_token_id is not None and suffix is None else None
 
-    display = Display(tok, len(shown_prompts), shown_prompts, enabled=bool(cfg.stream) and suffix is None)
+    n = len(shown)
+    progress = Progress(n, opts.max_new_tokens or int(mc.model_length), stop, opts.stop_entropy)
+    steps_view = None
+    if opts.show_steps:
+        if suffix is not None:
+            raise CLIError("show_steps=true cannot draw infilling (suffix=); drop one of the two")
+        from bd3lm.sampling.display import DenoisingDisplay
+
+        steps_view = DenoisingDisplay(tok, shown, delay=opts.step_delay, stop=stop)
+    display = Display(tok, progress, shown, enabled=opts.stream and suffix is None and steps_view is None)
+
+    def on_block(i: int, new_ids) -> None:
+        progress.add(i, new_ids.tolist())
+        display.on_block(i)
+
+    def record(i: int, new_ids: list[int], reason: str, nfe: int, suffix_ids: list[int] | None) -> dict:
+        k = i // n_samples
+        rec = {"index": i, "prompt": shown[i], "text": tok.decode(new_ids, skip_special_tokens=True),
+               "token_ids": new_ids, "prompt_ids": full_ids[k], "prompt_ids_unread": unread[k],
+               "stop_reason": reason, "nfe": nfe}
+        if suffix_ids is not None:
+            rec.update(suffix=opts.suffix, suffix_ids=suffix_ids)
+        return rec
+
+    def write(records: list[dict]) -> None:
+        try:
+            write_text_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        except OSError as exc:
+            raise CLIError(f"could not write output {str(out)!r}: {one_line(exc)} (the previous file, if any, is "
+                           "unchanged)") from None
+
     try:
         result = generate(
-            model,
-            input_ids,
-            max_new_tokens=cfg.max_new_tokens,
-            sampler=cfg.sampler,
-            steps=cfg.steps,
-            threshold=cfg.threshold,
-            temperature=cfg.temperature,
-            top_k=cfg.top_k,
-            top_p=cfg.top_p,
-            top_p_rule=top_p_rule,
-            kv_cache=bool(cfg.kv_cache),
-            stop=stop,
-            stop_entropy=cfg.stop_entropy,
-            seed=cfg.seed,
-            window=cfg.window,
-            window_stride=cfg.window_stride,
-            streaming=bool(cfg.streaming),
-            num_samples=n_samples,
-            on_block=display.on_block if suffix is None else None,
-            bos_token_id=bos,
-            suffix=suffix,
+            model, input_ids, max_new_tokens=opts.max_new_tokens, sampler=opts.sampler, steps=opts.steps,
+            threshold=opts.threshold, temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
+            top_p_rule=opts.top_p_rule, kv_cache=opts.kv_cache, stop=stop, stop_entropy=opts.stop_entropy,
+            seed=opts.seed, window=opts.window, window_stride=opts.window_stride, streaming=opts.streaming,
+            num_samples=n_samples, bos_token_id=bos, suffix=suffix,
+            on_block=on_block if suffix is None else None, on_logits=progress.on_logits if suffix is None else None,
+            on_step=steps_view,
         )
+    except KeyboardInterrupt:
+        if steps_view is not None:
+            steps_view.close()
+        display.abort()
+        done = [i for i in range(n) if progress.reasons[i]]
+        records = [record(i, progress.ids[i], progress.reasons[i], progress.nfe[i], None) for i in done]
+        if out is not None and records:
+            write(records)
+            print(f"interrupted: wrote {len(done)} of {n} samples to {opts.output}", file=sys.stderr)
+        elif out is not None:
+            print(f"interrupted: no sample had finished ({n} started); {opts.output} was not written", file=sys.stderr)
+        else:
+            print(f"interrupted: {len(done)} of {n} samples had finished (no output= to write them to)",
+                  file=sys.stderr)
+        return 130
     except BaseException:
-        if display.live is not None:
-            display.live.stop()
+        if steps_view is not None:
+            steps_view.close()
+        display.abort(quiet=True)
         raise
+    if steps_view is not None:
+        steps_view.close()
     display.finish(result.stop_reasons)
-    n_suffix = 0 if suffix is None else len(suffix)
-    if suffix is not None and cfg.stream:
+    if suffix is not None and opts.stream:
         for i, seq in enumerate(result.sequences):
-            end = len(seq) - n_suffix
-            span = tok.decode(seq[end - result.num_new_tokens[i] : end].tolist(), skip_special_tokens=True)
-            print(f"[{i}] {shown_prompts[i] or ''}[{span}]{suffix_text}")
+            start = fed[i // n_samples]
+            span = tok.decode(seq[start : start + result.num_new_tokens[i]].tolist(), skip_special_tokens=True)
+            print(f"[{i}] {shown[i] or ''}[{span}]{opts.suffix}")
 
-    if cfg.output is not None:
-        out = Path(str(cfg.output))
-        if out.parent and not out.parent.exists():
-            out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("w", encoding="utf-8") as fh:
-            for i, seq in enumerate(result.sequences):
-                n_new = result.num_new_tokens[i]
-                end = len(seq) - n_suffix
-                new_ids = seq[end - n_new : end].tolist()
-                record = {
-                    "index": i,
-                    "prompt": shown_prompts[i],
-                    "text": tok.decode(new_ids, skip_special_tokens=True),
-                    "token_ids": new_ids,
-                    "prompt_ids": seq[: end - n_new].tolist(),
-                    "stop_reason": result.stop_reasons[i],
-                    "nfe": result.nfe_per_sequence[i],
-                }
-                if suffix is not None:
-                    record["suffix"] = str(suffix_text)
-                    record["suffix_ids"] = seq[end:].tolist()
-                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+    if out is not None:
+        records = []
+        for i, seq in enumerate(result.sequences):
+            start = fed[i // n_samples]
+            end = start + result.num_new_tokens[i]
+            records.append(record(i, seq[start:end].tolist(), result.stop_reasons[i], result.nfe_per_sequence[i],
+                                  None if suffix is None else seq[end:].tolist()))
+        write(records)
     total = sum(result.num_new_tokens)
     print(
         f"{len(result.sequences)} samples, {total} new tokens, NFE {result.nfe}, "
         f"{result.tokens_per_forward:.2f} tokens/forward, {result.seconds:.2f} s"
-        + (f", wrote {cfg.output}" if cfg.output is not None else ""),
+        + (f", wrote {opts.output}" if out is not None else ""),
         file=sys.stderr,
     )
     return 0
 
 
-@hydra.main(version_base=None, config_path="configs", config_name="generate")
+def _fail(message: str, code: int) -> None:
+    print(message, file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+@hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="generate")
 def main(cfg: DictConfig) -> None:
+    """Hydra's entry point: :func:`run` with the verbatim text options; one-line errors."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        run(cfg)
-    except (CLIError, ValueError, FileNotFoundError, OSError) as exc:
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
-        sys.exit(2)
+        code = run(cfg, TEXT_ARGS)
+    except (CLIError, ValueError, OSError) as exc:
+        _fail(f"error: {one_line(exc)}", 2)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    if code:
+        sys.exit(code)
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """The command line ``argv`` (default ``sys.argv``): the text options are removed before Hydra parses the
+    rest, and the rest is checked first so that every usage error is one line (exit code 2)."""
+    argv = list(sys.argv if argv is None else argv)
+    saved = sys.argv
+    try:
+        rest, text = split_text_args(argv[1:])
+        check_overrides(rest)
+        TEXT_ARGS.clear()
+        TEXT_ARGS.update(text)
+        sys.argv = [argv[0], *rest]
+        main()
+    except CLIError as exc:
+        _fail(f"error: {one_line(exc)}", 2)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    finally:
+        sys.argv = saved
 
 
 if __name__ == "__main__":
-    main()
+    cli()

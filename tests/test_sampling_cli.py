@@ -44,27 +44,25 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt")
+def save_checkpoint(path, **config):
+    """Save :func:`tiny_tokenizer` and a tiny random BD3-LM (block 4, context 32 unless ``config`` says otherwise)
+    in ``path`` with ``save_pretrained``; returns ``path``."""
     tok = tiny_tokenizer()
     tok.save_pretrained(path)
-    cfg = bd3lm.BD3LMConfig(
-        vocab_size=len(tok),
-        model_length=32,
-        block_size=4,
-        hidden_dim=32,
-        cond_dim=16,
-        n_blocks=2,
-        n_heads=4,
-        dropout=0.0,
-    )
+    kw = dict(vocab_size=len(tok), model_length=32, block_size=4, hidden_dim=32, cond_dim=16, n_blocks=2,
+              n_heads=4, dropout=0.0)
     torch.manual_seed(0)
-    randomize(bd3lm.BD3LM(cfg), 0).save_pretrained(path)
+    randomize(bd3lm.BD3LM(bd3lm.BD3LMConfig(**{**kw, **config})), 0).save_pretrained(path)
     return path
 
 
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
 def run_cli(cwd, *overrides):
+    """``python generate.py OVERRIDES`` in a subprocess (the real process: imports, argv, exit code)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, str(ROOT / "generate.py"), *overrides],
@@ -76,7 +74,22 @@ def run_cli(cwd, *overrides):
     )
 
 
-def test_generate_cli_end_to_end(checkpoint, tmp_path):
+def cli_in_process(capsys, *overrides) -> subprocess.CompletedProcess:
+    """``generate.cli`` (what ``python generate.py`` runs: argv split, Hydra, run) in this process, without the
+    seconds of a new interpreter's imports; the exit code, stdout and stderr as :func:`run_cli` gives them."""
+    import generate
+
+    capsys.readouterr()
+    code = 0
+    try:
+        generate.cli(["generate.py", *map(str, overrides)])
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["generate.py", *overrides], code, out, err)
+
+
+def test_generate_cli_end_to_end(checkpoint, tmp_path, capsys, monkeypatch):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     prompts = tmp_path / "prompts.txt"
@@ -97,17 +110,21 @@ def test_generate_cli_end_to_end(checkpoint, tmp_path):
     assert list(cwd.iterdir()) == []  # nothing written in the working directory
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in records] == ["hello world"] * 2 + ["the quick brown fox"] * 2
-    mask = len(tiny_tokenizer()) - 1
+    assert [r["index"] for r in records] == [0, 1, 2, 3]
+    tok = tiny_tokenizer()
+    mask = len(tok) - 1
     for r in records:
         assert r["stop_reason"] in ("eos", "max_new_tokens") and r["nfe"] > 0
         assert 1 <= len(r["token_ids"]) <= 10 and mask not in r["token_ids"]
-        assert r["prompt_ids"][0] == 0  # BOS
-        assert isinstance(r["text"], str)
-    assert "=====" in proc.stdout  # several samples: printed when done (stdout is not a TTY)
+        assert r["prompt_ids"] == [tok.bos_token_id] + tok(r["prompt"], add_special_tokens=False)["input_ids"]
+        assert r["prompt_ids_unread"] == 0
+        assert r["text"] == tok.decode(r["token_ids"], skip_special_tokens=True)
+    assert proc.stdout.count("===== sample") == 4  # several samples: each printed when done (not a TTY)
     assert "NFE" in proc.stderr
 
-    proc = run_cli(
-        cwd, f"checkpoint={checkpoint}", "prompt=hello", "max_new_tokens=6", "seed=1", "temperature=0"
+    monkeypatch.chdir(cwd)
+    proc = cli_in_process(
+        capsys, f"checkpoint={checkpoint}", "prompt=hello", "max_new_tokens=6", "seed=1", "temperature=0"
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("hello")  # one sample streams as plain text
@@ -160,20 +177,15 @@ def test_generate_cli_errors(checkpoint, tmp_path, overrides, message):
         cli.run(cfg)
 
 
-def test_generate_cli_infills_with_a_roulette_model(checkpoint, tmp_path):
+def test_generate_cli_infills_with_a_roulette_model(checkpoint, tmp_path, capsys):
     """suffix= on a whole-sequence CEDD/roulette model: the JSONL keeps prompt and suffix ids unchanged around a
     span of max_new_tokens ids, sampled by the default (analytic) rule; a block-causal model is refused."""
-    path = tmp_path / "roulette"
+    path = save_checkpoint(tmp_path / "roulette", block_size=32, graph="roulette", loss="cedd", p_m=0.9,
+                           time_conditioning=True)
     tok = tiny_tokenizer()
-    tok.save_pretrained(path)
-    cfg = bd3lm.BD3LMConfig(vocab_size=len(tok), model_length=32, block_size=32, hidden_dim=32, cond_dim=16,
-                            n_blocks=2, n_heads=4, dropout=0.0, graph="roulette", loss="cedd", p_m=0.9,
-                            time_conditioning=True)
-    torch.manual_seed(0)
-    randomize(bd3lm.BD3LM(cfg), 0).save_pretrained(path)
     out = tmp_path / "infill.jsonl"
-    proc = run_cli(tmp_path, f"checkpoint={path}", "prompt=hello world", "suffix=the lazy dog", "max_new_tokens=7",
-                   "num_samples=2", "steps=4", "seed=0", f"output={out}")
+    proc = cli_in_process(capsys, f"checkpoint={path}", "prompt=hello world", "suffix=the lazy dog",
+                          "max_new_tokens=7", "num_samples=2", "steps=4", "seed=0", f"output={out}")
     assert proc.returncode == 0, proc.stderr
     suffix_ids = tok("the lazy dog", add_special_tokens=False)["input_ids"]
     prompt_ids = [tok.bos_token_id] + tok("hello world", add_special_tokens=False)["input_ids"]
@@ -181,7 +193,7 @@ def test_generate_cli_infills_with_a_roulette_model(checkpoint, tmp_path):
         assert r["prompt_ids"] == prompt_ids and r["suffix_ids"] == suffix_ids and r["suffix"] == "the lazy dog"
         assert len(r["token_ids"]) == 7 and r["nfe"] == 5
     assert "NFE 5" in proc.stderr
-    proc = run_cli(tmp_path, f"checkpoint={path}", "prompt=hello", "suffix=dog", "max_new_tokens=40")
+    proc = cli_in_process(capsys, f"checkpoint={path}", "prompt=hello", "suffix=dog", "max_new_tokens=40")
     assert proc.returncode == 2 and "exceed the model's length 32" in proc.stderr
-    proc = run_cli(tmp_path, f"checkpoint={checkpoint}", "prompt=hello", "suffix=dog", "max_new_tokens=4")
+    proc = cli_in_process(capsys, f"checkpoint={checkpoint}", "prompt=hello", "suffix=dog", "max_new_tokens=4")
     assert proc.returncode == 2 and "needs a whole-sequence model" in proc.stderr
