@@ -29,7 +29,7 @@ PROMPT = "ROMEO:\n"
 LENGTH_FACTOR = 4  # generated tokens = LENGTH_FACTOR x model_length
 WATCH_BLOCKS = 6  # blocks shown step by step
 SEED = 0
-SAMPLING = {"sampler": "first_hitting", "temperature": 0.7, "top_p": 0.9}
+SAMPLING = {"sampler": "first_hitting", "temperature": 0.7, "top_p": 0.8}
 
 
 def train_quickstart(overrides: list[str]) -> dict:

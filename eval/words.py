@@ -98,7 +98,7 @@ def run_words(cfg: DictConfig) -> dict[str, Any]:
     n_words = len(sample.split())
     passage = corpus_passage(docs, n_words, a["seed"])
     texts = {"sample": sample, "corpus": passage, "corpus_shuffled": shuffled_words(passage, a["seed"])}
-    out: dict[str, Any] = {"sample_file": a["sample"], "corpus": corpus, "words": n_words}
+    out: dict[str, Any] = {"sample_file": a["sample"], "corpus_file": corpus, "words": n_words}
     for name, body in texts.items():
         r = real_word_rate(body, vocab)
         out[name] = {"real_word_rate": r.rate, "real_words": r.real, "words": r.total}

@@ -52,6 +52,7 @@ def test_eval_words_cli(tmp_path):
     res = json.loads(out.read_text())
     assert (res["sample"]["real_words"], res["sample"]["words"]) == (5, 7)
     assert res["corpus"]["real_word_rate"] == res["corpus_shuffled"]["real_word_rate"] == 1.0
+    assert res["corpus_file"].endswith("shakespeare.txt.gz")
     assert res["words"] == 7  # whitespace-separated pieces of the sample: the passages are cut to this length
     assert 7 <= res["corpus"]["words"] <= 12 and res["corpus_shuffled"]["words"] == res["corpus"]["words"]
     proc = subprocess.run([sys.executable, "-m", "eval.words", "judge=null"], cwd=root, capture_output=True,
