@@ -194,8 +194,11 @@ def load_judge(spec: str = "smollm2", *, context: int | None = None, device: str
         for package in ("gguf", "accelerate"):  # transformers' GGUF reader needs both
             if importlib.util.find_spec(package) is None:
                 raise ImportError(f"loading a GGUF judge needs the '{package}' package: {INSTALL_HINT}")
-        quiet = os.environ.get("TQDM_DISABLE")
-        os.environ["TQDM_DISABLE"] = "1"  # the GGUF reader's de-quantisation progress bar
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+        bar = getattr(gguf_utils, "tqdm", None)  # the reader's de-quantisation progress bar (TQDM_DISABLE is read
+        if bar is not None:  # when tqdm is imported, so it is silenced here instead)
+            gguf_utils.tqdm = functools.partial(bar, disable=True)
         try:
             tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
             model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
@@ -204,10 +207,8 @@ def load_judge(spec: str = "smollm2", *, context: int | None = None, device: str
                 f"judge {spec!r} could not be loaded from {str(path)!r}: {' '.join(str(exc).split())}"
             ) from None
         finally:
-            if quiet is None:
-                os.environ.pop("TQDM_DISABLE", None)
-            else:
-                os.environ["TQDM_DISABLE"] = quiet
+            if bar is not None:
+                gguf_utils.tqdm = bar
         return _hf_judge(spec, model, tok, context, device)
     local = Path(os.path.expanduser(spec))
     if local.is_dir():
