@@ -287,38 +287,25 @@ def _check_safetensors(path: str) -> None:
 
 def check_checkpoint_files(checkpoint: str) -> str:
     """``checkpoint`` (user-expanded) if it is a directory with a JSON ``config.json`` and complete safetensors
-    weights (headers checked, tensors not read); else a one-line :class:`CLIError` naming the bad file."""
-    path = os.path.expanduser(checkpoint)
-    if not os.path.exists(path):
-        raise CLIError(f"checkpoint directory {path!r} does not exist")
-    if not os.path.isdir(path):
-        raise CLIError(f"checkpoint {path!r} is not a directory (expected a directory written by save_pretrained)")
-    config = os.path.join(path, "config.json")
-    if not os.path.isfile(config):
-        raise CLIError(f"checkpoint directory {path!r} has no config.json (expected the Hugging Face layout)")
+    weights (headers checked, tensors not read); else a one-line :class:`CLIError` naming the bad file. The
+    directory and config checks are the evaluation CLIs' (:func:`bd3lm.evaluation.checks.check_checkpoint`)."""
+    from eval.common import checks
+
     try:
-        with open(config, encoding="utf-8") as fh:
-            parsed = json.load(fh)
-    except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise CLIError(f"{config!r} is not valid JSON ({one_line(exc)}); export the checkpoint again") from None
-    if not isinstance(parsed, dict):
-        raise CLIError(f"{config!r} holds a JSON {type(parsed).__name__}, not an object of config fields")
+        path = checks.check_checkpoint(checkpoint, "checkpoint")
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
     single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(single):
         _check_safetensors(single)
-    elif os.path.isfile(index):
-        try:
-            with open(index, encoding="utf-8") as fh:
-                shards = sorted(set(json.load(fh)["weight_map"].values()))
-        except (ValueError, OSError, KeyError, TypeError, AttributeError) as exc:
-            raise CLIError(f"{index!r} is not a valid safetensors index ({one_line(exc)})") from None
-        for shard in shards:
-            _check_safetensors(os.path.join(path, str(shard)))
-    else:
-        raise CLIError(
-            f"checkpoint directory {path!r} has no model.safetensors (expected safetensors weights; pickled "
-            ".bin/.ckpt files are not loaded)"
-        )
+        return path
+    try:  # the shared check found the index
+        with open(index, encoding="utf-8") as fh:
+            shards = sorted(set(json.load(fh)["weight_map"].values()))
+    except (ValueError, OSError, KeyError, TypeError, AttributeError) as exc:
+        raise CLIError(f"{index!r} is not a valid safetensors index ({one_line(exc)})") from None
+    for shard in shards:
+        _check_safetensors(os.path.join(path, str(shard)))
     return path
 
 

@@ -1,5 +1,6 @@
 """Shared fixtures: offline hub, tiny models with random (non-zero) weights."""
 
+import hashlib
 import os
 import tempfile
 
@@ -54,3 +55,43 @@ def one_thread():
 @pytest.fixture
 def model():
     return tiny_model()
+
+
+# ------------------------------------------------------------------------------------------ Hub cache
+
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def write_snapshot(cache, repo_id: str, model_dir, commit: str = HUB_COMMIT,
+                   files=("config.json", "model.safetensors")):
+    """Copy ``files`` of ``model_dir`` into ``cache`` in the Hub cache layout; return the snapshot folder."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "blobs").mkdir(exist_ok=True)
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True, exist_ok=True)
+    for name in files:
+        data = (model_dir / name).read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        (repo / "blobs" / digest).write_bytes(data)
+        (snap / name).symlink_to(os.path.join("..", "..", "blobs", digest))
+    return snap
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty Hub cache under a temporary HF_HOME, offline (huggingface_hub reads its constants at import, so
+    the module attributes are patched as well as the environment)."""
+    from huggingface_hub import constants
+
+    home = tmp_path / "hf_home"
+    cache = home / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HOME", str(home))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache

@@ -23,7 +23,7 @@ def counted(model):
     return model
 
 
-def one_line_error(exc_type, match, fn, model):
+def assert_one_line_error(exc_type, match, fn, model):
     with pytest.raises(exc_type, match=match) as err:
         fn()
     assert "\n" not in str(err.value)
@@ -33,20 +33,20 @@ def one_line_error(exc_type, match, fn, model):
 @pytest.mark.parametrize("prompt", ["a str prompt", b"bytes", ["two", "prompts"], ("a",)])
 def test_text_prompts_say_tokenize_first(prompt):
     model = counted(tiny_model())
-    one_line_error(TypeError, r"input_ids must be token ids, not text; tokenize first, e\.g\. tokenizer\(text\)",
+    assert_one_line_error(TypeError, r"input_ids must be token ids, not text; tokenize first, e\.g\. tokenizer\(text\)",
                    lambda: bd3lm.generate(model, input_ids=prompt, max_new_tokens=4), model)
     whole = counted(tiny_model(block_size=16))
-    one_line_error(TypeError, "suffix must be token ids, not text",
+    assert_one_line_error(TypeError, "suffix must be token ids, not text",
                    lambda: bd3lm.generate(whole, input_ids=[[1, 2]], suffix="the end", max_new_tokens=4), whole)
 
 
 @pytest.mark.parametrize("seed", [-1, 2**63, 2**64, 1.5, True, "7", torch.tensor(3.0)])
 def test_bad_seeds_are_refused(seed):
     model = counted(tiny_model())
-    one_line_error(ValueError, r"seed must be an integer in \[0, 2\*\*63\) or None; got",
+    assert_one_line_error(ValueError, r"seed must be an integer in \[0, 2\*\*63\) or None; got",
                    lambda: bd3lm.generate(model, max_new_tokens=4, seed=seed), model)
     whole = counted(tiny_model(block_size=16))
-    one_line_error(ValueError, "seed must be an integer",
+    assert_one_line_error(ValueError, "seed must be an integer",
                    lambda: bd3lm.generate(whole, input_ids=[[1, 2]], suffix=[3], max_new_tokens=4, seed=seed), whole)
 
 
@@ -61,21 +61,21 @@ def test_seeds_at_the_ends_of_the_range_run_and_reproduce():
 @pytest.mark.parametrize("ids", [torch.ones(1, 3), torch.ones(3, dtype=torch.float64), [[1.0, 2.0]]])
 def test_float_ids_in_generate(ids):
     model = counted(tiny_model())
-    one_line_error(ValueError, "integer token ids",
+    assert_one_line_error(ValueError, "integer token ids",
                    lambda: bd3lm.generate(model, input_ids=ids, max_new_tokens=4), model)
 
 
 def test_float_ids_in_nelbo_and_the_losses():
     model = counted(tiny_model())
     x = torch.randint(0, 32, (2, 16)).float()
-    one_line_error(ValueError, "input_ids must hold integer token ids .*got dtype torch.float32",
+    assert_one_line_error(ValueError, "input_ids must hold integer token ids .*got dtype torch.float32",
                    lambda: bd3lm.nelbo(model, x), model)
-    one_line_error(TypeError, "input_ids must be a \\(batch, length\\) tensor of token ids; got list",
+    assert_one_line_error(TypeError, "input_ids must be a \\(batch, length\\) tensor of token ids; got list",
                    lambda: bd3lm.nelbo(model, x.long().tolist()), model)
-    one_line_error(ValueError, "x0 must hold integer token ids", lambda: bd3lm.loss(model, x), model)
+    assert_one_line_error(ValueError, "x0 must hold integer token ids", lambda: bd3lm.loss(model, x), model)
     sedd = counted(tiny_model(loss="score_entropy"))
-    one_line_error(ValueError, "x0 must hold integer token ids", lambda: bd3lm.loss(sedd, x), sedd)
-    one_line_error(ValueError, "input_ids must hold integer token ids", lambda: bd3lm.nelbo(sedd, x), sedd)
+    assert_one_line_error(ValueError, "x0 must hold integer token ids", lambda: bd3lm.loss(sedd, x), sedd)
+    assert_one_line_error(ValueError, "input_ids must hold integer token ids", lambda: bd3lm.nelbo(sedd, x), sedd)
 
 
 @pytest.mark.parametrize("num_samples", [0, -1, 1.5, 2.0, True, False, "2", None])
@@ -83,7 +83,7 @@ def test_bad_num_samples_in_nelbo(num_samples):
     x = torch.randint(0, 32, (2, 16))
     for kw in ({}, dict(loss="score_entropy")):
         model = counted(tiny_model(**kw))
-        one_line_error(ValueError, r"num_samples must be an integer >= 1; got",
+        assert_one_line_error(ValueError, r"num_samples must be an integer >= 1; got",
                        lambda m=model: bd3lm.nelbo(m, x, num_samples=num_samples), model)
 
 

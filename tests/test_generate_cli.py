@@ -17,6 +17,7 @@ import time
 
 import pytest
 import torch
+from conftest import write_snapshot
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from test_sampling_cli import ROOT, cli_in_process, save_checkpoint, tiny_tokenizer
@@ -423,17 +424,10 @@ def test_show_steps_draws_every_denoising_step(checkpoint, tmp_path, capsys):
     assert code == 2 and "step_delay" in one_error_line(err)
 
 
-def test_checkpoint_by_hub_id_from_the_cache(checkpoint, tmp_path, capsys, monkeypatch):
+def test_checkpoint_by_hub_id_from_the_cache(checkpoint, tmp_path, capsys, hub_cache):
     """checkpoint=org/name is found in a hand-built Hub cache (offline) and samples exactly as the directory does;
     a missing id is one line that names the cache; a cached model without tokenizer files asks for tokenizer=."""
-    from huggingface_hub import constants
-    from test_hub import write_snapshot
-
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    cache = hub_cache
     files = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
     write_snapshot(cache, "tiny-org/with-tok", checkpoint, files=files)
     write_snapshot(cache, "tiny-org/no-tok", checkpoint, files=files[:2])

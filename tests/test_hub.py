@@ -5,14 +5,13 @@ snapshots/<commit>/<file> -> ../../blobs/<hash>}), not by huggingface_hub, so th
 finds what a real download leaves on disk.
 """
 
-import hashlib
-import os
 from pathlib import Path
 
 import huggingface_hub
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import HUB_COMMIT as COMMIT
+from conftest import tiny_model, write_snapshot
 from huggingface_hub import constants
 from huggingface_hub.errors import LocalEntryNotFoundError
 from huggingface_hub.utils import filter_repo_objects
@@ -22,39 +21,6 @@ import bd3lm
 from bd3lm.hub import resolve_model_dir
 
 REPO = "tiny-org/bd3lm-tiny"
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-def write_snapshot(cache, repo_id: str, model_dir, commit: str = COMMIT, files=("config.json", "model.safetensors")):
-    """Copy ``files`` of ``model_dir`` into ``cache`` in the Hub cache layout; return the snapshot folder."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    (repo / "refs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / "main").write_text(commit)
-    (repo / "blobs").mkdir(exist_ok=True)
-    snap = repo / "snapshots" / commit
-    snap.mkdir(parents=True, exist_ok=True)
-    for name in files:
-        data = (model_dir / name).read_bytes()
-        digest = hashlib.sha256(data).hexdigest()
-        (repo / "blobs" / digest).write_bytes(data)
-        (snap / name).symlink_to(os.path.join("..", "..", "blobs", digest))
-    return snap
-
-
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
-    """An empty Hub cache under a temporary HF_HOME, offline (huggingface_hub reads its constants at import, so
-    the module attributes are patched as well as the environment)."""
-    home = tmp_path / "hf_home"
-    cache = home / "hub"
-    cache.mkdir(parents=True)
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HOME", str(home))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return cache
 
 
 def logits_of(model) -> torch.Tensor:

@@ -65,7 +65,7 @@ def inputs() -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return f["input/x0"], f["input/xt"], f["input/prefix"], f["input/sigma"]
 
 
-def check(ours: Tensor, key: str) -> float:
+def assert_matches_official(ours: Tensor, key: str) -> float:
     """Assert ``max |ours - official| <= ATOL`` for the fixture ``key``; return the figure."""
     ref = fixtures()[key]
     assert ours.shape == ref.shape, f"{key}: shape {tuple(ours.shape)} != official {tuple(ref.shape)}"
@@ -113,7 +113,7 @@ def test_two_stream(block_size: int, timed: bool, backend: str) -> None:
     model = our_model(block_size, timed, backend)
     with torch.no_grad():
         out = model(input_ids=torch.cat([xt, x0], dim=1), timesteps=sigma if timed else None).logits
-    check(out, f"two_stream{'_timed' if timed else ''}/bs{block_size}")
+    assert_matches_official(out, f"two_stream{'_timed' if timed else ''}/bs{block_size}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -126,7 +126,7 @@ def test_sampling_pass(block_size: int, case: str, backend: str) -> None:
     ids = prefix if case == "sample_prefix" else xt
     with torch.no_grad():
         out = model(input_ids=ids, timesteps=sigma if timed else None).logits
-    check(out, f"{case}/bs{block_size}")
+    assert_matches_official(out, f"{case}/bs{block_size}")
 
 
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
@@ -143,7 +143,7 @@ def test_kv_cache_official_protocol(block_size: int) -> None:
             logits.append(model(input_ids=xt[:, start:start + block_size], kv_cache=cache, positions=pos).logits)
             model(input_ids=x0[:, start:start + block_size], kv_cache=cache, positions=pos)
             cache.commit()
-    check(torch.cat(logits, dim=1), f"kv_cache/bs{block_size}")
+    assert_matches_official(torch.cat(logits, dim=1), f"kv_cache/bs{block_size}")
 
 
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
@@ -166,4 +166,4 @@ def test_kv_cache_sampler_protocol(block_size: int) -> None:
             out = model(input_ids=ids, kv_cache=cache, positions=pos, attention_mask=mask).logits
             logits.append(out[:, n_clean:])
             cache.commit(n_clean)
-    check(torch.cat(logits, dim=1), f"kv_cache/bs{block_size}")
+    assert_matches_official(torch.cat(logits, dim=1), f"kv_cache/bs{block_size}")

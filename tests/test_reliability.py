@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_snapshot
 from safetensors.torch import load_file
 
 import train
@@ -445,17 +446,10 @@ def test_a_failed_init_from_leaves_nothing_and_the_next_one_uses_its_own_tokeniz
     assert len(used["model"]["vocab"]) != len(json.loads((bad / "tokenizer.json").read_text())["model"]["vocab"])
 
 
-def test_init_from_a_hub_id_in_the_cache(tmp_path, trained, tiny, capsys, monkeypatch):
+def test_init_from_a_hub_id_in_the_cache(tmp_path, trained, tiny, capsys, hub_cache):
     """init_from=org/name (the paper's fine-tune recipe) starts from the Hub cache's snapshot exactly as from the
     directory; an id missing from the cache while offline is one line and leaves nothing."""
-    from huggingface_hub import constants
-    from test_hub import write_snapshot
-
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    cache = hub_cache
     files = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
     snap = write_snapshot(cache, "tiny-org/pretrain", trained / "hf", files=files)
     runs = {}
