@@ -24,7 +24,6 @@ from eval.common import (
     check_sampler_options,
     checkpoint,
     choice,
-    hydra_main,
     integer,
     judge,
     log,
@@ -33,9 +32,9 @@ from eval.common import (
     output,
     set_threads,
     text,
-    validate,
     write_json,
 )
+from eval.config_checks import hydra_main, validate
 
 GENERATE_KEYS = ("sampler", "steps", "threshold", "temperature", "top_k", "top_p", "top_p_rule", "kv_cache",
                  "window_stride", "streaming")

@@ -18,15 +18,14 @@ from eval.common import (
     TOP_P_RULES,
     checkpoint,
     choice,
-    hydra_main,
     integer,
     number,
     optional,
     output,
     set_threads,
-    validate,
     write_report,
 )
+from eval.config_checks import hydra_main, validate
 
 #: Every key of configs/eval/lengths.yaml and its check.
 KEYS = {

@@ -19,7 +19,6 @@ from eval.common import (
     TOP_P_RULES,
     checkpoint,
     choice,
-    hydra_main,
     integer,
     judge,
     list_of,
@@ -27,9 +26,9 @@ from eval.common import (
     optional,
     output,
     set_threads,
-    validate,
     write_report,
 )
+from eval.config_checks import hydra_main, validate
 
 #: The modes of bd3lm.evaluation.long_documents.MODES.
 MODES = ("exact", "streaming")

@@ -23,7 +23,6 @@ from eval.common import (
     checkpoint,
     choice,
     dataset,
-    hydra_main,
     integer,
     log,
     number,
@@ -31,9 +30,9 @@ from eval.common import (
     output,
     set_threads,
     text,
-    validate,
     write_json,
 )
+from eval.config_checks import hydra_main, validate
 
 #: The names of bd3lm.evaluation.PROTOCOLS (not imported: it pulls in torch).
 PROTOCOLS = ("full", "official")

@@ -35,17 +35,16 @@ from eval.common import (
     boolean,
     checkpoint,
     device,
-    hydra_main,
     integer,
     list_of,
     log,
     number,
     optional,
     output,
-    validate,
     write_json,
 )
-from eval.perf import PERF_KEYS
+from eval.config_checks import hydra_main, validate
+from eval.perf_settings import PERF_KEYS
 
 SUITES = ("default", "perf")
 
@@ -56,7 +55,7 @@ def _suite(value: object, name: str) -> str:
     return str(value)
 
 
-#: Every key of configs/eval/speed.yaml and its check (the perf: group is eval.perf's; cross-key checks below).
+#: Every key of configs/eval/speed.yaml and its check (the perf: group's in eval.perf_settings; cross-key checks below).
 KEYS = {
     "suite": _suite,
     "checkpoint": optional(checkpoint(tokenizer=False)),

@@ -32,15 +32,14 @@ from eval.common import (
     ROOT,
     CLIError,
     choice,
-    hydra_main,
     integer,
     list_of,
     log,
     optional,
     output,
-    validate,
     write_json,
 )
+from eval.config_checks import hydra_main, validate
 
 VARIANTS = ["bd3lm", "bd3lm-official-like", "mdlm", "ar", "sedd-absorbing", "sedd-uniform", "cedd-absorbing",
             "cedd-roulette"]

@@ -25,16 +25,15 @@ from eval.common import (
     RUNTIME,
     CLIError,
     dataset,
-    hydra_main,
     judge,
     log,
     optional,
     output,
     set_threads,
     text,
-    validate,
     write_json,
 )
+from eval.config_checks import hydra_main, validate
 
 __all__ = ["corpus_passage", "run_words"]
 

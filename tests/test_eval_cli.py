@@ -178,15 +178,15 @@ def test_sweep_cli_plans_inside_hydra_and_rejects_a_bad_stage(tmp_path):
 
 
 def test_sweep_table_and_pareto_plot(tmp_path):
-    from eval import sweep
+    from eval.sweep_report import markdown_table, pareto_plot
 
     rows = [dict(model="ar", name="ar", block_size=1, init="scratch", ppl=100.0, ppl_ci95=[100.0, 100.0],
                  ppl_exact=True, gen_ppl=300.0, entropy=4.2, nfe=128, tokens_per_s=900.0, train_tokens=10),
             dict(model="mdlm", name="mdlm", block_size=128, init="scratch", ppl=200.0, ppl_ci95=[190.0, 210.0],
                  ppl_exact=False, gen_ppl=600.0, entropy=4.4, nfe=120, tokens_per_s=300.0, train_tokens=10)]
-    table = sweep.markdown_table(rows)
+    table = markdown_table(rows)
     assert "| ar | 1 | scratch | 100.0 (exact) |" in table and "200.0 [190.0, 210.0]" in table
-    png = sweep.pareto_plot(rows, tmp_path / "p.png")
+    png = pareto_plot(rows, tmp_path / "p.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows[0]["gen_ppl"] = rows[1]["gen_ppl"] = float("nan")  # no judge score: the panel says so, nothing crashes
-    assert sweep.pareto_plot(rows, tmp_path / "q.png").is_file()
+    assert pareto_plot(rows, tmp_path / "q.png").is_file()

@@ -167,7 +167,7 @@ def _flat(spec, prefix=""):
 
 def test_every_config_key_has_a_check():
     from eval import genppl, lengths, long_docs, ppl, speed, sweep, train_speed
-    from eval.common import _keys
+    from eval.config_checks import _keys
 
     for module in (genppl, lengths, long_docs, ppl, speed, sweep, train_speed):
         name = module.__name__.split(".")[-1]
@@ -175,7 +175,7 @@ def test_every_config_key_has_a_check():
 
 
 def test_the_defaults_pass_and_words_are_normalised(files):
-    from eval.common import validate
+    from eval.config_checks import validate
     from eval.speed import KEYS, check_config
 
     cfg = cfg_of("speed", cache="off", ar="yes")

@@ -16,7 +16,8 @@ from test_eval_cli import save_tiny_checkpoint
 from test_judge import ar_judge_dir  # noqa: F401 - fixture
 
 from eval.common import CLIError
-from eval.perf import check_perf, confidence_targets, notes, run_confidence, speed_targets, verdict
+from eval.perf import confidence_targets, run_confidence, speed_targets, verdict
+from eval.perf_settings import check_perf, notes
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"length": 32, "dim": 32, "layers": 1, "heads": 4, "vocab": 64, "block_size": 4}
