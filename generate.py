@@ -109,7 +109,10 @@ def load(ckpt: str, device, dtype, tokenizer: str | None = None):
         raise CLIError(f"could not load the model from {ckpt!r}: {one_line(exc)}") from None
     if len(tok) > model.config.vocab_size:
         raise CLIError(f"tokenizer has {len(tok)} tokens but the model's vocabulary is {model.config.vocab_size}")
-    return tok, model.to(device, dtype).eval()
+    try:
+        return tok, model.to(device, dtype).eval()
+    except RuntimeError as exc:  # e.g. out of device memory
+        raise CLIError(f"could not move the model to {device} ({dtype}): {one_line(exc)}") from None
 
 
 def run(cfg: DictConfig, text: dict[str, str] | None = None) -> int:

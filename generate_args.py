@@ -18,6 +18,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from eval.common import CLIError, checks, one_line
+
 #: Options whose value is text (or a path): taken verbatim from argv, whatever the characters.
 TEXT_KEYS = ("prompt", "suffix", "checkpoint", "prompts_file", "output", "tokenizer")
 #: dtype names accepted by ``dtype=`` and the torch dtype each one means.
@@ -30,15 +32,6 @@ TOP_P_RULES = ("hf", "official")
 _HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
                            "--config-dir", "-cd", "--info", "-i", "--experimental-rerun"}
 _TEXT_ARG = re.compile(r"\+{0,2}(" + "|".join(TEXT_KEYS) + r")=", re.DOTALL)
-
-
-class CLIError(ValueError):
-    """A user error, reported as one ``error:`` line on stderr with exit code 2."""
-
-
-def one_line(exc: BaseException) -> str:
-    """``exc``'s message on one line (whitespace runs collapsed), or its type name when it has none."""
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 @dataclass(frozen=True)
@@ -179,8 +172,8 @@ def check_options(values: Mapping[str, object]) -> Options:
     if not isinstance(device, str) or not device:
         raise CLIError(f"device must be auto, cpu, cuda or cuda:N; got {device!r}")
     seed = values.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64):
-        raise CLIError(f"seed must be an integer (or null: a random seed); got {seed!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise CLIError(f"seed must be an integer in [0, 2**63) (or null: a random seed); got {seed!r}")
     return Options(
         checkpoint=checkpoint,
         prompt=_text(values, "prompt"),
@@ -289,8 +282,6 @@ def check_checkpoint_files(checkpoint: str) -> str:
     """``checkpoint`` (user-expanded) if it is a directory with a JSON ``config.json`` and complete safetensors
     weights (headers checked, tensors not read); else a one-line :class:`CLIError` naming the bad file. The
     directory and config checks are the evaluation CLIs' (:func:`bd3lm.evaluation.checks.check_checkpoint`)."""
-    from eval.common import checks
-
     try:
         path = checks.check_checkpoint(checkpoint, "checkpoint")
     except ValueError as exc:

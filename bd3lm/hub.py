@@ -1,6 +1,7 @@
 """Resolve a checkpoint name to a local directory: a local path, or a Hugging Face Hub id through the Hub cache.
 
-The order is the one transformers uses: an existing local directory wins; otherwise a valid Hub id
+The order is the one transformers uses: an existing local directory wins (and a missing one whose parent directory
+exists is reported as missing, not looked up: ``runs/hf`` mistyped); otherwise a valid Hub id
 (``"org/name"`` or ``"name"``) is looked up in the Hugging Face cache (``HF_HOME`` / ``HF_HUB_CACHE``, or
 ``cache_dir``) with :func:`huggingface_hub.snapshot_download` (``local_files_only=True``), and downloaded only when
 it is not cached and the Hub is not offline (``HF_HUB_OFFLINE`` / ``local_files_only``). Only the files a
@@ -70,6 +71,12 @@ def resolve_model_dir(
         raise FileNotFoundError(
             f"checkpoint {name!r} is a file; expected a checkpoint directory (config.json + model.safetensors) "
             "or a Hugging Face Hub model id"
+        )
+    parent = os.path.dirname(name)
+    if parent and os.path.isdir(parent):  # `runs/hf` mistyped: a local path, never a Hub id to fetch
+        raise FileNotFoundError(
+            f"checkpoint directory {name!r} does not exist (its parent {parent!r} is a local directory, so the "
+            "name is not looked up on the Hugging Face Hub)"
         )
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError

@@ -11,7 +11,8 @@ deletes the file on release. Only the process that launched the run takes it (:f
 the new configuration, before anything in the directory is touched, and refuses (exit status 2, naming the
 key, the old and the new value) any change that is not in :data:`RESUMABLE`:
 
-* allowed: how long and how often (``trainer.max_steps``, ``val_every``, ``log_every``, ``ckpt_every``,
+* allowed: how long and how often (``trainer.max_steps``, except with ``optim.schedule=cosine``, whose learning
+  rate reaches 0 at ``max_steps``; ``val_every``, ``log_every``, ``ckpt_every``,
   ``limit_val_batches``, ``num_sanity_val_steps``), where and how it runs (``trainer.accelerator``, ``devices``,
   ``num_nodes``, ``precision``, ``deterministic``, ``progress_bar``, ``strategy.*``, ``model.attn_backend``,
   ``data.num_workers``, ``data.eval_batch_size``, ``data.cache_dir``), and ``name``, ``run_dir``, ``mode``,
@@ -87,6 +88,8 @@ _WHY = {
     "data.batch_size": "it changes the batch of the objective and the data position",
     "trainer.accumulate_grad_batches": "it changes the batch of the objective",
     "init_from": "the run directory holds the tokenizer of its first start",
+    "trainer.max_steps": "with optim.schedule=cosine the learning rate decays to 0 at trainer.max_steps, so a new "
+    "value would make it jump",
 }
 
 #: Rank variables of the launchers (Lightning, torchrun, SLURM, MPI); the owner has every one of them 0.
@@ -277,7 +280,8 @@ def check_resume_config(
                 continue
         elif _same(old, fresh[key]):
             continue
-        (changed if _allowed(key, resuming=resuming) else refused).append(key)
+        cosine_end = key == "trainer.max_steps" and fresh.get("optim.schedule") == "cosine"
+        (changed if _allowed(key, resuming=resuming) and not cosine_end else refused).append(key)
     if refused:
         key = refused[0]
         old = stored.get(key, _ABSENT)

@@ -22,6 +22,10 @@ def resolve_device(name: str):
         raise CLIError(f"device {name!r} is not valid: {' '.join(str(exc).split())}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"device {name!r} requested but CUDA is not available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CLIError(f"device {name!r} requested but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise CLIError(f"device {name!r} requested but MPS is not available")
     return device
 
 

@@ -255,8 +255,10 @@ def bad_files(tmp_path):
 CHEAP_ERRORS = [
     (["max_new_tokens=-5"], "max_new_tokens must be an integer >= 1; got -5"),
     (["max_new_tokens=1e3"], "max_new_tokens must be an integer >= 1; got 1000.0"),
-    (["seed=abc"], "seed must be an integer (or null: a random seed); got 'abc'"),
+    (["seed=abc"], "seed must be an integer in [0, 2**63) (or null: a random seed); got 'abc'"),
     (["seed=1.5"], "seed must be an integer"),
+    (["seed=-1"], "seed must be an integer in [0, 2**63)"),  # what generate() accepts
+    ([f"seed={2**63}"], "seed must be an integer in [0, 2**63)"),
     (["num_samples=0"], "num_samples must be an integer >= 1; got 0"),
     (["temperature=-1"], "temperature must be a finite number >= 0 (0 = greedy); got -1"),
     (["temperature=nan"], "temperature must be a finite number >= 0"),

@@ -136,3 +136,14 @@ def test_a_failed_download_is_a_one_line_error(hub_cache, monkeypatch):
     with pytest.raises(OSError, match="could not download model 'tiny-org/bd3lm-tiny'") as err:
         resolve_model_dir(REPO)
     assert "\n" not in str(err.value) and "no route" in str(err.value)
+
+
+def test_a_missing_local_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    """``runs/hf`` with ``runs/`` present is a mistyped local path: reported as missing, with no Hub lookup even
+    when online."""
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("looked up on the Hub"))
+    with pytest.raises(FileNotFoundError, match=r"checkpoint directory 'runs/hf' does not exist \(its parent"):
+        resolve_model_dir("runs/hf")

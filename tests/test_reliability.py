@@ -405,6 +405,11 @@ def test_resume_config_rules(tmp_path, tiny):
         with pytest.raises(Exception, match=rf"{re.escape(key)}=.*{why}") as info:
             check_resume_config(tmp_path, resolved(f"{key}={value}"), resuming=True)
         assert getattr(info.value, "exit_code", None) == 2 and "\n" not in str(info.value)
+    # with a cosine schedule the learning rate reaches 0 at max_steps: a new value would make it jump
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(resolved("optim.schedule=cosine")))
+    with pytest.raises(Exception, match=r"trainer.max_steps=.*decays to 0 at trainer.max_steps"):
+        check_resume_config(tmp_path, resolved("optim.schedule=cosine", "trainer.max_steps=99"), resuming=True)
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(resolved()))
     # init_from: ignored by a resume, but it defines a start that has no checkpoint yet
     assert check_resume_config(tmp_path, resolved("init_from=/x"), resuming=True) == ["init_from"]
     with pytest.raises(Exception, match="init_from"):
