@@ -19,12 +19,13 @@ follows that step, it runs first (it may move the clip interval) and the guard s
 ``last.ckpt`` that ``ModelCheckpoint`` writes after every validation. A second signal raises at once (nothing
 more is saved; every write is atomic, so nothing is lost either).
 
-After every optimiser step the guard checks that the loss of every micro-batch and every parameter are finite,
-and after every validation that the NELBO is (finite weights can overflow in the forward pass); otherwise it
-raises :class:`~bd3lm.faults.NonFiniteError` before any checkpoint or export can see the model, so the last
-good checkpoint and export stay as they were.
+After every optimiser step the guard checks that the loss of every micro-batch, every parameter and the optimiser
+state are finite, and after every validation that the NELBO is (finite weights can overflow in the forward
+pass); otherwise it raises :class:`~bd3lm.faults.NonFiniteError` before any checkpoint or export can see the
+model, so the last good checkpoint and export stay as they were.
 
-The check costs one multi-tensor norm over the weights and one host synchronisation per optimiser step (the
+The check costs one multi-tensor norm over the weights and optimiser state and one host synchronisation per
+optimiser step (the
 ``tolist`` of three flags), the price of stopping *at* the step that diverged rather than some steps later.
 With several ranks one all-reduce per step (the maximum of the non-finite flags and of the signal numbers)
 makes every rank take the same decision at the same step: a rank that stopped alone would leave the others
@@ -156,9 +157,13 @@ class RunGuard(Callback):
         flags = torch.zeros(3, device=pl_module.device)
         if self._bad_loss is not None:
             flags[0] = self._bad_loss.float()
-        params = [p.detach() for p in pl_module.parameters()]
-        if params:  # one fused multi-tensor kernel: a tensor's norm is finite iff all its values are
-            flags[1] = (~torch.isfinite(torch.stack(torch._foreach_norm(params))).all()).float()
+        # the weights and the optimiser state (Adam's second moment can overflow while the weights stay finite;
+        # the checkpoint writer refuses it, on rank 0 only, which would leave the other ranks waiting)
+        tensors = [p.detach() for p in pl_module.parameters()]
+        tensors += [v for opt in trainer.optimizers for state in opt.state.values() for v in state.values()
+                    if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() > 1]
+        if tensors:  # one fused multi-tensor kernel: a tensor's norm is finite iff all its values are
+            flags[1] = (~torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all()).float()
         flags[2] = float(self.signum)
         if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
@@ -166,7 +171,7 @@ class RunGuard(Callback):
         self._bad_loss = None
         if loss_flag or weight_flag:
             value = float(loss.detach().float().mean()) if isinstance(loss, torch.Tensor) else math.nan
-            what = "the training loss" if loss_flag else "the weights"
+            what = "the training loss" if loss_flag else "the weights or the optimiser state"
             raise self._diverged(what, value if loss_flag else math.nan, int(trainer.global_step))
         if signum and self._validation_follows(trainer):
             self.stop_after_validation = signum

@@ -276,8 +276,9 @@ def test_a_diverging_run_stops_without_saving_or_exporting_nan(tmp_path, tiny, c
     run_dir = tmp_path / "run"
     rc, out, err = main(tiny(run_dir, "optim.lr=1e4", "trainer.max_steps=12", *overrides), capsys)
     assert rc == 1 and len(err) == 1, err
-    m = re.fullmatch(r"error: the (training loss|weights|validation NELBO) became non-finite.* at step (\d+): "
-                     r"stopped without saving or exporting \(the last good checkpoint (\S+) is kept\); .*", err[0])
+    m = re.fullmatch(r"error: the (training loss|weights or the optimiser state|validation NELBO) became non-finite"
+                     r".* at step (\d+): stopped without saving or exporting "
+                     r"\(the last good checkpoint (\S+) is kept\); .*", err[0])
     assert m, err
     bad_step = int(m.group(2))
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -289,6 +290,29 @@ def test_a_diverging_run_stops_without_saving_or_exporting_nan(tmp_path, tiny, c
     for f in [*run_dir.rglob("*.json"), *run_dir.rglob("*.jsonl")]:  # every JSON the run wrote is valid JSON
         for line in f.read_text().splitlines() if f.suffix == ".jsonl" else [f.read_text()]:
             strict_json(line)
+
+
+def test_the_guard_sees_an_overflowing_optimiser_state(tmp_path):
+    """Adam's second moment can overflow while the weights stay finite: the guard stops the step (on every rank
+    alike) instead of leaving it to the checkpoint writer, which refuses it on rank 0 only."""
+    from types import SimpleNamespace
+
+    from bd3lm.faults import NonFiniteError
+    from bd3lm.lit_guard import RunGuard
+
+    module = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(module.parameters())
+    module(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    trainer = SimpleNamespace(accumulate_grad_batches=1, world_size=1, optimizers=[opt], global_step=7)
+    lit = SimpleNamespace(parameters=module.parameters, device=torch.device("cpu"))
+    guard = RunGuard(tmp_path / "last.ckpt")
+    guard.on_train_batch_end(trainer, lit, {"loss": torch.tensor(1.0)}, None, 0)  # all finite: no stop
+    opt.state[module.weight]["exp_avg_sq"][0, 0] = float("inf")
+    stopped = r"the weights or the optimiser state became non-finite.* at step 7: stopped without saving"
+    with pytest.raises(NonFiniteError, match=stopped):
+        guard.on_train_batch_end(trainer, lit, {"loss": torch.tensor(1.0)}, None, 0)
+    assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
 def test_nan_is_never_written(tmp_path, trained):
