@@ -114,7 +114,11 @@ class RunGuard(Callback):
             raise self._interrupt(trainer, signum, save=False)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        signum = self.stop_after_validation or (self.signum if trainer.world_size == 1 else 0)
+        signum = self.stop_after_validation or self.signum
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([float(signum)], device=pl_module.device)  # every rank ends here: agree once more
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            signum = int(flag.item())
         if signum:  # during the last step or the last validation: keep the promise, no export
             raise self._interrupt(trainer, signum, save=True)
         self._restore()
