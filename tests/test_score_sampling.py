@@ -144,6 +144,15 @@ def test_infilling_never_changes_the_given_tokens(graph: str, loss: str, p_m) ->
             assert not bool((seq == model.config.mask_index).any())
 
 
+def test_infilling_spends_no_call_on_a_step_that_reveals_nothing() -> None:
+    """DDPM with 64 steps for a 4-token span: most steps reveal nothing, and the x they leave unchanged needs no
+    new call, so a sample costs at most one call per revealed token (4), as in the block engine."""
+    model = _model("absorbing", "subs", None, block_size=16)
+    for seed in range(4):
+        res = generate(model, torch.tensor([3, 1, 4]), 4, sampler="ddpm", steps=64, suffix=[9, 2], seed=seed)
+        assert 1 <= res.nfe <= 4, res.nfe
+
+
 def test_infilling_bad_input() -> None:
     block = _model("absorbing", "subs", None, block_size=4)
     with pytest.raises(ValueError, match="whole-sequence model"):

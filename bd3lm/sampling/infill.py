@@ -64,19 +64,24 @@ def infill(
         return x, nfe
     todo = free.clone()
     rule.start_block(todo)
+    logits, positions, stale = None, None, True
     for _ in range(span * max(getattr(rule, "steps", 1), 1) + span + 1):  # every rule finishes within this bound
         if not bool(todo.any()):
             return x, nfe
-        positions = rule.reads(todo, sampler)
-        logits = call(x)
+        if stale:  # as the block engine: a step that revealed nothing leaves x, hence the logits, unchanged
+            positions = rule.reads(todo, sampler)
+            logits, stale = call(x), False
         if positions is None:
             tokens, reveal = rule.step(logits, todo, sampler)
         else:
             picked = logits.gather(1, positions[:, :, None].expand(-1, -1, logits.shape[-1]))
             tokens, reveal = rule.step(picked, todo, sampler, positions=positions)
         reveal = reveal & todo
-        x = torch.where(reveal, tokens, x)
-        todo = todo & ~reveal
+        if rule.always_reveals or bool(reveal.any()):
+            x = torch.where(reveal, tokens, x)
+            todo, stale = todo & ~reveal, True
+        elif positions is not None:  # positions were drawn for this step only
+            stale = True
     if bool(todo.any()):
         raise RuntimeError(f"rule {rule!r} did not fill the span within its step bound")
     return x, nfe
