@@ -136,8 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - one line for the user, traceback with BD3LM_DEBUG=1
         if os.environ.get("BD3LM_DEBUG"):
             raise
-        print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
-        return 1
+        from bd3lm.faults import Refused
+
+        hint = ""
+        if isinstance(e, Refused) and not any(a.startswith("run_dir=") for a in argv):
+            hint = " (runs/quickstart holds an earlier demo's run: mv runs/quickstart runs/quickstart.old)"
+        print(f"error: {' '.join(str(e).split()) or type(e).__name__}{hint}", file=sys.stderr)
+        return int(getattr(e, "exit_code", 1))
     ppl = summary.get("val_ppl")
     print(
         f"\n== done in {time.perf_counter() - t0:.0f}s. Generated {gen['tokens']} tokens with {gen['nfe']} "
