@@ -37,12 +37,7 @@ RULES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest)
 
 
 def _score_model(graph: str, loss: str, p_m=None, **kw) -> bd3lm.BD3LM:

@@ -29,13 +29,7 @@ from bd3lm.sampling.processing import sample_categorical
 AR_KW = dict(causal=True, cross_attn=False, adaln=False, block_size=1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not suffer from oversubscription on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest)
 
 
 def sharp_model(seed: int = 0, gain: float = 4.0, **kw):
