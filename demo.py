@@ -1,14 +1,14 @@
-"""`make demo`: train the quickstart BD3-LM on the embedded Shakespeare corpus, watch it denoise, sample a long text.
+"""`make demo`: train the quickstart BD3-LM on the embedded Shakespeare corpus, sample a long text, watch it denoise.
 
 1. ``python train.py experiment=quickstart`` (in-process): a small BD3-LM (blocks of L' = 4 tokens, a byte-level
    BPE trained on the corpus) for a few minutes on the CPU into ``runs/quickstart`` (resumed or skipped when a
    previous demo already trained it);
-2. a look inside: a few blocks generated step by step: each block's masked positions (``░``) are filled in
-   over its denoising steps, then the block is committed to the KV cache and the next one starts;
-3. a long sample with the exported EMA weights: the first-hitting sampler, KV cache, and a sliding window, so the
+2. a long sample with the exported EMA weights: the first-hitting sampler, KV cache, and a sliding window, so the
    text (4 x model_length tokens) is several times longer than the training context; each block is printed as
    soon as it is committed;
-4. the share of the sample's words that occur in the corpus (real Shakespeare: 100%).
+3. a look inside: a few blocks generated step by step: each block's masked positions (``░``) are filled in
+   over its denoising steps, then the block is committed to the KV cache and the next one starts;
+4. the summary, with the share of the sample's words that occur in the corpus (real Shakespeare: 100%).
 
     python demo.py [train.py overrides, e.g. trainer.max_steps=50 run_dir=/tmp/demo]
 """
@@ -56,7 +56,7 @@ def watch_denoising(model, tok, prompt_ids: list[int]) -> None:
 
     bs = model.config.block_size
     print(
-        f"\n== 2/3 inside the sampler: {WATCH_BLOCKS} blocks of {bs} tokens; in each block the masked positions "
+        f"\n\n== 3/3 inside the sampler: {WATCH_BLOCKS} blocks of {bs} tokens; in each block the masked positions "
         f"(░) are filled in over {bs} steps, then the block joins the KV cache\n",
         flush=True,
     )
@@ -75,7 +75,7 @@ def stream_sample(model, tok, out_file: Path) -> tuple[str, dict]:
     n_new = LENGTH_FACTOR * cfg.model_length
     prompt_ids = [tok.bos_token_id, *tok(PROMPT, add_special_tokens=False)["input_ids"]]
     print(
-        f"\n\n== 3/3 generating {n_new} tokens ({LENGTH_FACTOR} x the {cfg.model_length}-token training "
+        f"\n== 2/3 generating {n_new} tokens ({LENGTH_FACTOR} x the {cfg.model_length}-token training "
         f"context) in blocks of {cfg.block_size}: first-hitting sampler (temperature {SAMPLING['temperature']}, "
         f"top-p {SAMPLING['top_p']}), KV cache, sliding window\n",
         flush=True,
@@ -126,10 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
         model = bd3lm.BD3LM.from_pretrained(hf).eval()
         tok = AutoTokenizer.from_pretrained(str(hf))
-        watch_denoising(model, tok, [tok.bos_token_id, *tok(PROMPT, add_special_tokens=False)["input_ids"]])
         sample = run_dir / "sample.txt"
         text, gen = stream_sample(model, tok, sample)
         rate, n_words = real_words(text, summary.get("corpus"))
+        watch_denoising(model, tok, [tok.bos_token_id, *tok(PROMPT, add_special_tokens=False)["input_ids"]])
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
