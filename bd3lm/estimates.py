@@ -1,6 +1,6 @@
 """Pieces every Monte-Carlo objective shares (the block-diffusion NELBO of :mod:`bd3lm.objectives` and the
-score-entropy family of :mod:`bd3lm.score_objectives`): the result of a loss, stratified per-block times and the
-schedule a model was trained with."""
+score-entropy family of :mod:`bd3lm.score_objectives`): the check of their token ids, the result of a loss,
+stratified per-block times and the schedule a model was trained with."""
 
 from __future__ import annotations
 
@@ -12,7 +12,15 @@ from torch import Tensor
 from bd3lm.noise import sample_t
 from bd3lm.schedules import NoiseSchedule, get_schedule
 
-__all__ = ["LossOutput", "model_schedule", "stratified_t"]
+__all__ = ["LossOutput", "check_token_ids", "model_schedule", "stratified_t"]
+
+
+def check_token_ids(x: object, name: str = "x0") -> None:
+    """A one-line error unless ``x`` is a tensor of integer token ids (int64 / int32, what embeddings take)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a (batch, length) tensor of token ids; got {type(x).__name__}")
+    if x.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{name} must hold integer token ids (int64 or int32); got dtype {x.dtype}")
 
 
 @dataclass

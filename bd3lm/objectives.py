@@ -33,19 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bd3lm.estimates import LossOutput, model_schedule, stratified_t
+from bd3lm.estimates import LossOutput, check_token_ids, model_schedule, stratified_t
 from bd3lm.noise import check_interval, sample_mask, sample_t
 from bd3lm.schedules import NoiseSchedule
 
 FULL_RANGE = (1e-3, 1.0)
-
-
-def check_token_ids(x: object, name: str = "x0") -> None:
-    """A one-line error unless ``x`` is a tensor of integer token ids (int64 / int32, what embeddings take)."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a (batch, length) tensor of token ids; got {type(x).__name__}")
-    if x.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"{name} must hold integer token ids (int64 or int32); got dtype {x.dtype}")
 
 
 def _check_batch(model, x0: Tensor) -> tuple[int, int]:

@@ -43,10 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bd3lm.estimates import LossOutput, model_schedule, stratified_t
+from bd3lm.estimates import LossOutput, check_token_ids, model_schedule, stratified_t
 from bd3lm.graphs import LOSSES, Graph, check_family, make_graph
 from bd3lm.noise import sample_t
-from bd3lm.objectives import check_token_ids
 from bd3lm.schedules import NoiseSchedule
 
 __all__ = ["CEDD_WEIGHTS", "LOSSES", "check_family", "graph_of", "model_ratios", "score_bound", "score_loss"]

@@ -338,9 +338,9 @@ def run_perf(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-if __name__ == "__main__":  # python -m eval.perf [perf.repeats=5 ...] = python -m eval.speed suite=perf [...]
+if __name__ == "__main__":  # python -m eval.perf [...] = python -m eval.speed suite=perf [...] (run by name, so
+    import runpy  # that eval.speed, which imports this module for suite=perf, is not imported back from here)
     import sys
 
-    from eval.speed import main
-
-    main(["suite=perf", *sys.argv[1:]])
+    sys.argv = [sys.argv[0], "suite=perf", *sys.argv[1:]]
+    runpy.run_module("eval.speed", run_name="__main__", alter_sys=True)

@@ -7,15 +7,13 @@ copies nothing to the host and makes no extra sync.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from bd3lm.sampling.engine import BlockEngine
-
-__all__ = ["DenoisingStep", "report_step"]
+__all__ = ["DenoisingStep", "SteppingEngine", "report_step"]
 
 
 @dataclass(frozen=True)
@@ -67,8 +65,23 @@ class DenoisingStep:
         return self.block_ids == self.mask_id
 
 
+class _Stopping(Protocol):
+    count: Sequence[int]  # tokens generated so far, by sequence
+
+
+class SteppingEngine(Protocol):
+    """What :func:`report_step` reads of the block engine (:class:`bd3lm.sampling.engine.BlockEngine`)."""
+
+    on_step: Callable[[DenoisingStep], None]
+    ids: Sequence[int]  # the sequence index of each active row
+    prompt_len: Sequence[int]
+    stopping: _Stopping
+    bs: int
+    mask: int
+
+
 def report_step(
-    engine: BlockEngine,
+    engine: SteppingEngine,
     prev: Tensor,
     x: Tensor,
     lo: list[int],
