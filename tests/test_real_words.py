@@ -6,6 +6,8 @@ import gzip
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from bd3lm.evaluation.real_words import real_word_rate, shuffled_words, vocabulary, words
 
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "shakespeare" / "shakespeare.txt.gz"
@@ -35,26 +37,25 @@ def test_corpus_against_itself_and_shuffling_keeps_the_words():
     assert shuffled.split() != text.split() and shuffled == shuffled_words(text, seed=3)
 
 
-def test_eval_words_cli(tmp_path):
-    """``python -m eval.words``: the sample's rate counted by hand; the corpus passage and its shuffle are all real
-    words and have the sample's word count; bad input is one line."""
+def test_eval_words_cli(tmp_path, capsys):
+    """``python -m eval.words`` (its ``main``, in-process): the sample's rate counted by hand; the corpus passage
+    and its shuffle are all real words and have the sample's word count; bad input is one line, exit 2."""
     import json
-    import subprocess
-    import sys
+
+    from eval.words import main
 
     sample = tmp_path / "sample.txt"
     sample.write_text("ROMEO:\nWhat thouest say, my lordd? Exeunt.\n", encoding="utf-8")  # 7 words, 2 made up
     out = tmp_path / "words.json"
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-m", "eval.words", f"sample={sample}", "judge=null", f"output={out}"],
-                          cwd=root, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    main([f"sample={sample}", "judge=null", f"output={out}"])
     res = json.loads(out.read_text())
     assert (res["sample"]["real_words"], res["sample"]["words"]) == (5, 7)
     assert res["corpus"]["real_word_rate"] == res["corpus_shuffled"]["real_word_rate"] == 1.0
     assert res["corpus_file"].endswith("shakespeare.txt.gz")
     assert res["words"] == 7  # whitespace-separated pieces of the sample: the passages are cut to this length
     assert 7 <= res["corpus"]["words"] <= 12 and res["corpus_shuffled"]["words"] == res["corpus"]["words"]
-    proc = subprocess.run([sys.executable, "-m", "eval.words", "judge=null"], cwd=root, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: sample=FILE is required")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["judge=null"])
+    err = capsys.readouterr().err.splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith("error: sample=FILE is required")
