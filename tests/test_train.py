@@ -54,6 +54,31 @@ def run(cmd: list[str], cwd: Path, timeout: float = 600) -> subprocess.Completed
     return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
+def run_in_process(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``train.main`` on the arguments of ``cmd`` in this process, from ``cwd`` with :data:`ENV`: what the
+    command runs, without the seconds a new interpreter spends importing torch and Lightning. For the tests that
+    need no real process (signals, DDP ranks and the exit status of the command line keep :func:`run`)."""
+    import contextlib
+    import io
+
+    import train
+
+    assert cmd[:2] == [sys.executable, TRAIN], cmd
+    out, err = io.StringIO(), io.StringIO()
+    old_cwd, old_env = os.getcwd(), dict(os.environ)
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(ENV)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = train.main(cmd[2:])
+    finally:
+        os.chdir(old_cwd)
+        os.environ.clear()
+        os.environ.update(old_env)
+    return subprocess.CompletedProcess(cmd, code, out.getvalue(), err.getvalue())
+
+
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, (
         f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
@@ -135,7 +160,7 @@ def test_generate_cli_runs_on_the_export(smoke_run, workdir, tmp_path):
 def test_export_mode_rewrites_hf_from_last_checkpoint(smoke_run, workdir, cache_dir):
     run_dir, _ = smoke_run
     before = bd3lm.BD3LM.from_pretrained(run_dir / "hf").state_dict()
-    ok(run(train_cmd(run_dir, cache_dir, "trainer.max_steps=30", "mode=export"), workdir))
+    ok(run_in_process(train_cmd(run_dir, cache_dir, "trainer.max_steps=30", "mode=export"), workdir))
     after = bd3lm.BD3LM.from_pretrained(run_dir / "hf").state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
@@ -215,13 +240,13 @@ def test_ddp_on_cpu_two_ranks_draw_different_noise(tmp_path, cache_dir, workdir)
 @pytest.mark.slow
 def test_finetune_from_a_block_size_l_pretrain(tmp_path, cache_dir, workdir):
     pre = tmp_path / "mdlm"
-    ok(run(train_cmd(pre, cache_dir, "algo=mdlm", "trainer.max_steps=10"), workdir))
+    ok(run_in_process(train_cmd(pre, cache_dir, "algo=mdlm", "trainer.max_steps=10"), workdir))
     assert json.loads((pre / "hf" / "config.json").read_text())["block_size"] == 64
     pre_val = read_metrics(pre / "csv" / "metrics.csv")["val/nll"][-1][1]
 
     ft = tmp_path / "bd3lm"
     proc = ok(
-        run(
+        run_in_process(
             train_cmd(ft, cache_dir, f"init_from={pre / 'hf'}", "algo.block_size=4", "trainer.max_steps=10"),
             workdir,
         )
@@ -237,7 +262,7 @@ def test_finetune_from_a_block_size_l_pretrain(tmp_path, cache_dir, workdir):
     assert model.config.block_size == 4 and len(metrics["train/loss"]) == 10
 
     bad = tmp_path / "wrong"
-    proc = run(train_cmd(bad, cache_dir, f"init_from={pre / 'hf'}", "model.hidden_dim=32"), workdir)
+    proc = run_in_process(train_cmd(bad, cache_dir, f"init_from={pre / 'hf'}", "model.hidden_dim=32"), workdir)
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "shape mismatch" in lines[0]
@@ -250,8 +275,8 @@ def test_ignore_bos_training_is_evaluated_the_same_way(tmp_path, cache_dir, work
     from bd3lm.evaluation import likelihood, load_checkpoint, validation_chunks
 
     run_dir = tmp_path / "ignore_bos"
-    ok(run(train_cmd(run_dir, cache_dir, "algo.ignore_bos=true", "trainer.max_steps=4", "trainer.val_every=2",
-                     "algo.search_every=0"), workdir))
+    ok(run_in_process(train_cmd(run_dir, cache_dir, "algo.ignore_bos=true", "trainer.max_steps=4",
+                                "trainer.val_every=2", "algo.search_every=0"), workdir))
     model, tok = load_checkpoint(run_dir / "hf")
     assert model.config.ignore_bos is True
     valid = validation_chunks(OmegaConf.load(run_dir / "config.yaml"), tok)
