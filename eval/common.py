@@ -8,12 +8,9 @@ applies a spec to the command line and the config (``hydra_main``, ``check_argv`
 from __future__ import annotations
 
 import importlib.util
-import json
-import math
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,24 +28,25 @@ class CLIError(ValueError):
     """A user error, reported as one ``error:`` line with exit code 2."""
 
 
-def _load_checks():
-    """:mod:`bd3lm.evaluation.checks` without importing the ``bd3lm`` package (whose ``__init__`` imports torch):
-    the module itself needs only the standard library. Reused when the package is already imported."""
-    if "bd3lm.evaluation.checks" in sys.modules:
-        return sys.modules["bd3lm.evaluation.checks"]
+def _torch_free(name: str):
+    """The ``bd3lm`` module ``name`` (one that needs only the standard library) without importing the ``bd3lm``
+    package, whose ``__init__`` imports torch: the CLIs check their arguments before torch is loaded. Reused when
+    the package is already imported."""
+    if name in sys.modules:
+        return sys.modules[name]
     spec = importlib.util.find_spec("bd3lm")  # a top-level package: found, not imported
-    path = Path(spec.origin).parent / "evaluation" / "checks.py" if spec and spec.origin else None
+    path = Path(spec.origin).parent.joinpath(*name.split(".")[1:]).with_suffix(".py") if spec and spec.origin else None
     if path is None or not path.is_file():
-        import bd3lm.evaluation.checks as checks
-
-        return checks
-    mod_spec = importlib.util.spec_from_file_location("_bd3lm_evaluation_checks", path)
+        return importlib.import_module(name)
+    mod_spec = importlib.util.spec_from_file_location("_" + name.replace(".", "_"), path)
     module = importlib.util.module_from_spec(mod_spec)
     mod_spec.loader.exec_module(module)
     return module
 
 
-checks = _load_checks()
+checks = _torch_free("bd3lm.evaluation.checks")
+atomic = _torch_free("bd3lm.atomic")
+faults = _torch_free("bd3lm.faults")
 
 
 def log(msg: str) -> None:
@@ -200,35 +198,15 @@ RUNTIME = {"seed": integer(0), "device": device, "threads": optional(integer())}
 # ------------------------------------------------------------------------------------------------------ output
 
 
-def _finite(obj):
-    """JSON has no NaN/Infinity: non-finite floats become null."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
 def write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` atomically (temporary file in the same directory, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write ``text`` atomically (:func:`bd3lm.atomic.write_text_atomic`: a temporary file beside it, then a
+    rename)."""
+    return atomic.write_text_atomic(path, text)
 
 
 def write_json(path: str | os.PathLike, obj) -> Path:
-    return write_text(path, json.dumps(_finite(obj), indent=2, allow_nan=False, default=str) + "\n")
+    """Strict JSON (:func:`bd3lm.faults.dumps`: non-finite floats become null), written atomically."""
+    return write_text(path, faults.dumps(obj, indent=2, default=str) + "\n")
 
 
 def write_report(stem: str | os.PathLike | None, payload: dict, markdown: str) -> None:
