@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     if summary.get("plot"):
         print(f"   plot:    {summary['plot']}")
     print(f"   sample:  {sample}  (python -m eval.words sample={sample}: judge perplexity vs shuffled words)")
-    print(f"   metrics: {summary.get('metrics', run_dir / 'csv' / 'metrics.csv')}")
+    print(f"   metrics: {summary.get('metrics', run_dir / 'csv')}")
     return 0
 
 

@@ -5,17 +5,19 @@
     python train.py experiment=smoke algo=mdlm run_dir=PRE   # pretrain at block size L (MDLM)
     python train.py experiment=smoke init_from=PRE/hf algo.block_size=4   # fine-tune it at L' = 4
     python train.py experiment=smoke run_dir=DIR mode=export  # re-export DIR/hf from its last.ckpt
+    python train.py experiment=owt_small data.path=OWT mode=prepare   # tokenise into the shard cache, then stop
     python train.py experiment=smoke --cfg                 # print the composed configuration
 
 Everything a run writes is under ``run_dir``: ``checkpoints/{last,best-*}.ckpt``, ``hf/`` (the EMA weights in
-the Hugging Face layout + tokenizer), ``tokenizer/``, ``csv/metrics.csv``, ``tb/`` (TensorBoard),
+the Hugging Face layout + tokenizer), ``tokenizer/``, ``csv/version_N/metrics.csv``, ``tb/`` (TensorBoard),
 ``config.yaml``, ``training_curves.png``, ``clip_search.jsonl``, ``ranks/``. Running the same command again
-resumes from ``last.ckpt`` (a resume may change only the settings listed in ``bd3lm/run_dir.py``). One
+resumes from ``last.ckpt`` (a resume may change only the settings listed in ``bd3lm/training/run_dir.py``). One
 process at a time owns a run_dir (``run_dir/.lock``). SIGTERM/SIGINT stop at the end of the current step
 with a checkpoint (exit status 143/130; no export); a NaN/inf loss or weight stops the run without saving.
 Errors are one ``error: ...`` line on stderr with exit status 1, or 2 when the run is refused (run_dir in
 use, configuration changed on resume); set ``BD3LM_DEBUG=1`` for the traceback. Configuration groups live
-in ``configs/`` (``train.yaml`` is the root).
+in ``configs/`` (``train.yaml`` is the root); Hydra composes them (``@hydra.main``) and builds the network,
+training settings, optimizer, data module and strategy from their ``_target_`` nodes (``hydra.utils.instantiate``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import time
 import traceback
 from collections.abc import Mapping
 from pathlib import Path
+
+import hydra
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -51,10 +55,7 @@ def one_line(exc: BaseException) -> str:
 
 
 def compose_config(argv: list[str]):
-    """Compose ``configs/train.yaml`` with the command-line overrides.
-
-    Hydra's compose API: nothing is written to the working directory and errors stay exceptions.
-    """
+    """``configs/train.yaml`` composed with the overrides (Hydra's compose API: errors stay exceptions)."""
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3", job_name="train"):
@@ -70,42 +71,26 @@ def _positive(cfg, key: str) -> int:
     return value
 
 
+POSITIVE = ("model.length", "algo.block_size", "model.hidden_dim", "model.n_blocks", "model.n_heads", "model.cond_dim",
+            "data.batch_size", "data.eval_batch_size", "trainer.max_steps", "trainer.val_every", "trainer.log_every",
+            "trainer.accumulate_grad_batches")
+CHOICES = {"mode": ("train", "export", "prepare"), "strategy.name": ("auto", "ddp", "fsdp"),
+           "trainer.progress_bar": ("auto", "rich", "lines", "none")}
+
+
 def validate_config(cfg) -> None:
     """Cheap checks before anything is written (so bad input leaves no partial run behind)."""
-    for key in (
-        "model.length",
-        "algo.block_size",
-        "model.hidden_dim",
-        "model.n_blocks",
-        "model.n_heads",
-        "model.cond_dim",
-        "data.batch_size",
-        "data.eval_batch_size",
-        "trainer.max_steps",
-        "trainer.val_every",
-        "trainer.log_every",
-        "trainer.accumulate_grad_batches",
-    ):
+    from omegaconf import OmegaConf
+
+    for key in POSITIVE + (("trainer.ckpt_every",) if cfg.trainer.ckpt_every is not None else ()):
         _positive(cfg, key)
     if cfg.model.length % cfg.algo.block_size:
-        raise ConfigError(
-            f"model.length {cfg.model.length} is not a multiple of algo.block_size {cfg.algo.block_size}"
-        )
-    if cfg.mode not in ("train", "export"):
-        raise ConfigError(f"mode must be 'train' or 'export'; got {cfg.mode!r}")
-    if cfg.strategy.name not in ("auto", "ddp", "fsdp"):
-        raise ConfigError(f"strategy must be auto, ddp or fsdp; got {cfg.strategy.name!r}")
-    if cfg.trainer.progress_bar not in ("auto", "rich", "lines", "none"):
-        raise ConfigError(
-            f"trainer.progress_bar must be auto, rich, lines or none; got {cfg.trainer.progress_bar!r}"
-        )
-    if cfg.strategy.name == "fsdp" and cfg.ema.decay:
-        raise ConfigError(
-            "the EMA (ema.decay) is not implemented for sharded weights: with strategy=fsdp set "
-            "ema.decay=null, or use strategy=ddp"
-        )
-    if cfg.trainer.ckpt_every is not None:
-        _positive(cfg, "trainer.ckpt_every")
+        raise ConfigError(f"model.length {cfg.model.length} is not a multiple of algo.block_size {cfg.algo.block_size}")
+    for key, allowed in CHOICES.items():
+        if OmegaConf.select(cfg, key) not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {OmegaConf.select(cfg, key)!r}")
+    if cfg.strategy.name == "fsdp" and cfg.ema.decay and cfg.strategy.spec.state_dict_type != "full":
+        raise ConfigError("ema.decay with strategy=fsdp needs strategy.spec.state_dict_type=full")
     from bd3lm.graphs import check_family
     from bd3lm.schedules import get_schedule
 
@@ -137,19 +122,9 @@ def prepare_run_dir(cfg) -> tuple[Path, bool]:
     return run_dir, created
 
 
-def cache_dir_of(cfg) -> Path:
-    from bd3lm.data import resolve_cache_dir
-
-    return resolve_cache_dir(cfg.data.cache_dir)
-
-
 def init_source(cfg, resume: bool) -> str | None:
-    """Where a fresh start takes its weights and tokenizer from; None for a start from scratch or a resume.
-
-    The one place that interprets ``init_from``: a local directory or Lightning ``.ckpt`` file as given, else a
-    Hugging Face Hub id resolved through the local Hub cache (:func:`bd3lm.hub.resolve_model_dir`; downloaded only
-    when not offline), e.g. ``init_from=kuleshov-group/bd3lm-owt-block_size1024-pretrain``.
-    """
+    """Where a fresh start takes its weights and tokenizer from (None: from scratch, or a resume): a local directory
+    or ``.ckpt`` as given, else a Hub id through the local Hub cache (:func:`bd3lm.hub.resolve_model_dir`)."""
     if resume or not cfg.init_from:
         return None
     name = str(cfg.init_from)
@@ -165,7 +140,7 @@ def init_source(cfg, resume: bool) -> str | None:
 
 def group_defaults(stored: Mapping) -> dict:
     """The default configuration of the config groups ``stored`` was composed from (for the keys an old
-    ``config.yaml`` lacks, see :func:`bd3lm.run_dir.check_resume_config`)."""
+    ``config.yaml`` lacks, see :func:`bd3lm.training.run_dir.check_resume_config`)."""
     from omegaconf import OmegaConf
 
     overrides = [
@@ -179,8 +154,8 @@ def group_defaults(stored: Mapping) -> dict:
 
 def export_from_checkpoint(cfg, run_dir: Path, tokenizer) -> Path:
     """``mode=export``: write ``run_dir/hf`` from ``last.ckpt`` (EMA weights) without training."""
-    from bd3lm.lit_build import build_model
-    from bd3lm.lit_checkpoint import export_hf, inspect_checkpoint, read_state_dict
+    from bd3lm.training.build import build_model
+    from bd3lm.training.checkpoint import export_hf, inspect_checkpoint, read_state_dict
 
     last = run_dir / "checkpoints" / "last.ckpt"
     if not last.is_file():
@@ -188,22 +163,18 @@ def export_from_checkpoint(cfg, run_dir: Path, tokenizer) -> Path:
     ckpt = inspect_checkpoint(last)
     model = build_model(cfg, tokenizer)
     model.load_state_dict(read_state_dict(last), strict=True)
-    state = ckpt["bd3lm"]
-    info = {"step": int(ckpt.get("global_step", 0)), **{k: v for k, v in state.get("last_val", {}).items()}}
+    info = {"step": int(ckpt.get("global_step", 0)), **ckpt["bd3lm"].get("last_val", {})}
     return export_hf(model, run_dir / "hf", tokenizer=tokenizer, info=info)
 
 
 def run(cfg) -> dict:
-    """Train (or export) according to ``cfg``; returns the summary dict (also printed on rank 0).
-
-    Holds the run_dir lock throughout (global rank 0) and refuses a configuration the run_dir was not started
-    with, before writing anything; a start that fails leaves the run_dir as it was.
-    """
+    """Train (export, prepare) according to ``cfg``; returns the summary. Holds the run_dir lock throughout (global
+    rank 0) and refuses a configuration the run_dir was not started with before writing anything."""
     validate_config(cfg)
     from omegaconf import OmegaConf
 
     from bd3lm.faults import Interrupted
-    from bd3lm.run_dir import check_resume_config, owns_run_dir, run_dir_lock
+    from bd3lm.training.run_dir import check_resume_config, owns_run_dir, run_dir_lock
 
     run_dir, created = prepare_run_dir(cfg)
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -211,20 +182,20 @@ def run(cfg) -> dict:
     try:
         with run_dir_lock(run_dir, created=created, owner=owner):
             resume = last.is_file()
-            new = OmegaConf.to_container(cfg, resolve=True)
-            check_resume_config(run_dir, new, resuming=resume, defaults=group_defaults)
+            check_resume_config(run_dir, OmegaConf.to_container(cfg, resolve=True), resuming=resume,
+                                defaults=group_defaults)
             return _run(cfg, run_dir, resume=resume, owner=owner)
     except Interrupted as e:  # raised by the signal handlers of main() outside the training loop
         raise e.located(step=None, checkpoint=last) from None
 
 
 def commit_start(cfg, run_dir: Path, tokenizer, *, global_zero: bool) -> None:
-    """Write what a start leaves in ``run_dir`` -- the tokenizer (first start) and ``config.yaml`` -- once
-    everything it needs has loaded: a start that fails earlier writes nothing that a rerun would reuse."""
+    """Write the tokenizer (first start) and ``config.yaml`` once everything has loaded: a start that fails earlier
+    writes nothing that a rerun would reuse."""
     from omegaconf import OmegaConf
 
     from bd3lm.atomic import write_text_atomic
-    from bd3lm.lit_data import local_rank_from_env, save_run_tokenizer
+    from bd3lm.training.data import local_rank_from_env, save_run_tokenizer
 
     if local_rank_from_env() == 0:
         save_run_tokenizer(tokenizer, run_dir)
@@ -234,105 +205,88 @@ def commit_start(cfg, run_dir: Path, tokenizer, *, global_zero: bool) -> None:
 
 def _run(cfg, run_dir: Path, *, resume: bool, owner: bool) -> dict:
     import lightning as L
+    from hydra.utils import instantiate
     from transformers.utils import logging as hf_logging
 
-    from bd3lm.lit_build import build_model, build_trainer, quiet_lightning, resolve_precision, train_settings
+    from bd3lm.data import resolve_cache_dir
+    from bd3lm.training.build import build_model, build_trainer, quiet_lightning, resolve_precision
+    from bd3lm.training.callbacks import plot_metrics, session_tokens_per_second
+    from bd3lm.training.checkpoint import clean_stale_temporaries, export_hf, inspect_checkpoint, load_init_weights
+    from bd3lm.training.data import local_rank_from_env, prepare_data, prepare_tokenizer
+    from bd3lm.training.module import BD3LMLit
 
     quiet_lightning()
     hf_logging.disable_progress_bar()
-
-    from bd3lm.lit import BD3LMLit
-    from bd3lm.lit_callbacks import Throughput, plot_metrics
-    from bd3lm.lit_checkpoint import clean_stale_temporaries, export_hf, inspect_checkpoint, load_init_weights
-    from bd3lm.lit_data import ChunkDataModule, local_rank_from_env, prepare_datasets, prepare_tokenizer
-
-    t0 = time.perf_counter()
-    seed = int(cfg.seed)
-    cache_dir = cache_dir_of(cfg)
+    t0, cache_dir = time.perf_counter(), resolve_cache_dir(cfg.data.cache_dir)
     last = run_dir / "checkpoints" / "last.ckpt"
     if owner:
         clean_stale_temporaries(run_dir)
     if resume:  # fail early, before anything else is written, on a corrupt checkpoint
         resumed_step = int(inspect_checkpoint(last).get("global_step", 0))
     init_from = init_source(cfg, resume)
-    tokenizer = prepare_tokenizer(cfg.data, run_dir=run_dir, cache_dir=cache_dir, seed=seed, init_from=init_from)
+    tokenizer = prepare_tokenizer(cfg.data, run_dir=run_dir, cache_dir=cache_dir, init_from=init_from)
     if cfg.mode == "export":
         out = export_from_checkpoint(cfg, run_dir, tokenizer)
         print(f"exported {out}")
         return {"export": str(out)}
-    train, valid = prepare_datasets(cfg.data, tokenizer, cfg.model.length, cache_dir=cache_dir, seed=seed)
+    train, valid = prepare_data(cfg.data, tokenizer, cfg.model.length, cache_dir=cache_dir)
+    if cfg.mode == "prepare":
+        print(f"prepared {len(train)} training / {len(valid)} validation chunks of {cfg.model.length} tokens")
+        return {"train_chunks": len(train), "valid_chunks": len(valid)}
 
-    L.seed_everything(seed, workers=True, verbose=False)
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     model = build_model(cfg, tokenizer)
     init_info = load_init_weights(model, init_from) if init_from else None
-    lit = BD3LMLit(model, train_settings(cfg, run_dir, init_info))
-    dm = ChunkDataModule(
-        train,
-        valid,
-        batch_size=cfg.data.batch_size,
-        eval_batch_size=cfg.data.eval_batch_size,
-        seed=seed,
-        num_workers=cfg.data.num_workers,
-    )
+    lit = BD3LMLit(model, instantiate(cfg.settings, log_dir=str(run_dir), init_eval=init_info or {}))
+    dm = instantiate(cfg.datamodule, train, valid)
     precision = resolve_precision(str(cfg.trainer.precision), str(cfg.trainer.accelerator))
     trainer = build_trainer(cfg, run_dir, precision)
     rank0 = local_rank_from_env() == 0 and trainer.is_global_zero
     commit_start(cfg, run_dir, tokenizer, global_zero=rank0)
     n_params = sum(p.numel() for p in model.parameters())
     if rank0:
-        what = (
-            f"resuming from {last} (step {resumed_step})"
-            if resume
-            else (f"warm start from {init_from}" if init_info else "fresh start")
-        )
+        what = f"warm start from {init_from}" if init_info else "fresh start"
+        what = f"resuming from {last} (step {resumed_step})" if resume else what
         print(
             f"bd3lm: {cfg.algo.name} L={cfg.model.length} L'={cfg.algo.block_size}, {n_params / 1e6:.2f}M "
-            f"parameters, vocabulary {len(tokenizer)}, "
-            f"{len(train)} training / {len(valid)} validation chunks, "
+            f"parameters, vocabulary {len(tokenizer)}, {len(train)} training / {len(valid)} validation chunks, "
             f"precision {precision}; {what}; run_dir {run_dir}",
             flush=True,
         )
     trainer.fit(lit, datamodule=dm, ckpt_path=str(last) if resume else None, weights_only=True)
     if lit.last_val_step != trainer.global_step:
         trainer.validate(lit, datamodule=dm, verbose=False)
-    export_model = model
-    if cfg.strategy.name == "fsdp":  # gather the sharded weights (a collective: every rank takes part)
-        full = trainer.strategy.lightning_module_state_dict()
+    export_model, export_ema = model, lit.ema
+    if cfg.strategy.name == "fsdp":  # gather the sharded weights and EMA (collectives: every rank takes part)
+        from bd3lm.ema import EMA
+
+        full, ema_state = trainer.strategy.lightning_module_state_dict(), lit.ema_state_dict()
         if trainer.is_global_zero:
             export_model = build_model(cfg, tokenizer)
-            export_model.load_state_dict(
-                {k[len("model.") :]: v for k, v in full.items() if k.startswith("model.")}
-            )
+            export_model.load_state_dict({k[len("model.") :]: v for k, v in full.items() if k.startswith("model.")})
+            export_ema = EMA.from_state_dict(export_model, ema_state) if ema_state is not None else None
     if not trainer.is_global_zero:
         return {}
-
-    tput = next((c for c in trainer.callbacks if isinstance(c, Throughput)), None)
-    tokens = lit.batches_seen * cfg.data.batch_size * cfg.model.length * trainer.world_size
     nll = lit.last_val.get("val/nll", float("nan"))
     lo, hi = lit.interval()
     summary = {
         "step": int(trainer.global_step),
-        "tokens": int(tokens),
+        "tokens": int(lit.batches_seen * cfg.data.batch_size * cfg.model.length * trainer.world_size),
         "val_nll": nll,
         "val_ppl": math.exp(nll) if math.isfinite(nll) else float("nan"),
         "interval": [lo, hi] if lit.searches else None,
         "parameters": int(n_params),
         "seconds": time.perf_counter() - t0,
-        "tokens_per_second": tput.tokens_per_second() if tput else None,
+        "tokens_per_second": session_tokens_per_second(trainer),
         "precision": precision,
         "run_dir": str(run_dir),
-        "metrics": str(run_dir / "csv" / "metrics.csv"),
+        "metrics": str(run_dir / "csv"),
     }
     if cfg.export:
         info = {k: summary[k] for k in ("step", "tokens", "val_nll", "val_ppl", "interval")}
-        summary["export"] = str(
-            export_hf(export_model, run_dir / "hf", ema=lit.ema, tokenizer=tokenizer, info=info)
-        )
-    png = plot_metrics(
-        run_dir / "csv" / "metrics.csv",
-        run_dir / "training_curves.png",
-        title=f"{cfg.name}: {cfg.algo.name} L={cfg.model.length} L'={cfg.algo.block_size}",
-    )
+        summary["export"] = str(export_hf(export_model, run_dir / "hf", ema=export_ema, tokenizer=tokenizer, info=info))
+    title = f"{cfg.name}: {cfg.algo.name} L={cfg.model.length} L'={cfg.algo.block_size}"
+    png = plot_metrics(run_dir / "csv", run_dir / "training_curves.png", title=title)
     summary["plot"] = str(png) if png else None
     print_summary(summary)
     return summary
@@ -340,59 +294,75 @@ def _run(cfg, run_dir: Path, *, resume: bool, owner: bool) -> dict:
 
 def print_summary(s: dict) -> None:
     tps = f", {s['tokens_per_second']:.0f} tokens/s" if s.get("tokens_per_second") else ""
-    parts = [
-        f"Trained {s['step']} steps on {s['tokens']:,} tokens (this session: {s['seconds']:.0f}s{tps}; "
-        f"{s['parameters'] / 1e6:.2f}M parameters, {s['precision']})."
-    ]
+    parts = [f"Trained {s['step']} steps on {s['tokens']:,} tokens (this session: {s['seconds']:.0f}s{tps}; "
+             f"{s['parameters'] / 1e6:.2f}M parameters, {s['precision']})."]
     if math.isfinite(s["val_nll"]):
-        parts.append(
-            f"Final validation NELBO {s['val_nll']:.4f} nats/token, perplexity <= {s['val_ppl']:.2f}."
-        )
+        parts.append(f"Final validation NELBO {s['val_nll']:.4f} nats/token, perplexity <= {s['val_ppl']:.2f}.")
     if s.get("interval"):
         parts.append(f"Training clip interval [{s['interval'][0]:.3g}, {s['interval'][1]:.3g}].")
     if s.get("export"):
         parts.append(f"Model exported to {s['export']} (load with BD3LM.from_pretrained or generate.py).")
-    parts.append(
-        f"Metrics: {s['metrics']} (TensorBoard: {s['run_dir']}/tb)"
-        + (f"; curves: {s['plot']}." if s.get("plot") else ".")
-    )
+    plot = f"; curves: {s['plot']}." if s.get("plot") else "."
+    parts.append(f"Metrics: {s['metrics']} (TensorBoard: {s['run_dir']}/tb){plot}")
     print("\n" + " ".join(parts), flush=True)
 
 
+_EXIT: dict[str, int] = {}
+
+
+def _report(exc: BaseException) -> int:
+    """The exit status of a failed run, after printing its one line (an interruption prints its own message)."""
+    if os.environ.get("BD3LM_DEBUG"):
+        traceback.print_exc()
+    if getattr(exc, "signum", None):  # bd3lm.faults.Interrupted: not an error; every rank stopped, one says so
+        from bd3lm.training.run_dir import owns_run_dir
+
+        if owns_run_dir():
+            print(str(exc), file=sys.stderr, flush=True)
+    else:
+        print(f"error: {one_line(exc)}", file=sys.stderr, flush=True)
+    return int(getattr(exc, "exit_code", 1))
+
+
+@hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="train")
+def hydra_app(cfg) -> None:
+    """The Hydra job: :func:`run` under the SIGTERM/SIGINT handlers; the exit status goes to :func:`main`."""
+    from bd3lm.faults import interrupt_handlers
+
+    try:
+        with interrupt_handlers():  # SIGTERM/SIGINT -> Interrupted (the training loop stops at a step boundary)
+            run(cfg)
+        _EXIT["code"] = 0
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        _EXIT["code"] = 130
+    except Exception as e:  # noqa: BLE001 - the top level turns every failure into one line
+        _EXIT["code"] = _report(e)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status."""
+    """Command-line entry point; returns the exit status. The overrides are composed once first, so that a bad
+    one is a single ``error:`` line rather than Hydra's multi-line report."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__.strip())
         return 0
-    show_cfg = "--cfg" in argv
-    argv = [a for a in argv if a != "--cfg"]
+    show_cfg, argv = "--cfg" in argv, [a for a in argv if a != "--cfg"]
     try:
         cfg = compose_config(argv)
-        if show_cfg:
-            from omegaconf import OmegaConf
+    except Exception as e:  # noqa: BLE001
+        return _report(e)
+    if show_cfg:
+        from omegaconf import OmegaConf
 
-            print(OmegaConf.to_yaml(cfg, resolve=True))
-            return 0
-        from bd3lm.faults import interrupt_handlers
-
-        with interrupt_handlers():  # SIGTERM/SIGINT -> Interrupted (the training loop stops at a step boundary)
-            run(cfg)
-        return 0
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001 - the top level turns every failure into one line
-        if os.environ.get("BD3LM_DEBUG"):
-            traceback.print_exc()
-        if getattr(e, "signum", None):  # bd3lm.faults.Interrupted: not an error; every rank stopped, one says so
-            from bd3lm.run_dir import owns_run_dir
-
-            if owns_run_dir():
-                print(str(e), file=sys.stderr, flush=True)
-        else:
-            print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
-        return int(getattr(e, "exit_code", 1))
+        return print(OmegaConf.to_yaml(cfg, resolve=True)) or 0
+    saved, sys.argv = sys.argv, [str(REPO / "train.py"), *argv]
+    try:
+        _EXIT["code"] = 1
+        hydra_app()
+    finally:
+        sys.argv = saved
+    return _EXIT["code"]
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@
 
 :func:`interrupt_handlers` turns SIGTERM and SIGINT into :class:`Interrupted` outside the training loop (where
 every write is atomic, so unwinding at any point loses nothing); inside it
-:class:`bd3lm.lit_guard.RunGuard` takes over and stops at the next step boundary with a checkpoint.
+:class:`bd3lm.training.guard.RunGuard` takes over and stops at the next step boundary with a checkpoint.
 
 :func:`dumps` is ``json.dumps`` that writes non-finite floats as ``null`` and refuses anything else that is not
 JSON (``allow_nan=False``): every JSON file a run writes goes through it.

@@ -1,4 +1,5 @@
-"""Tests for bd3lm.data: corpus format, reading, splitting, packing, caching."""
+"""Tests for bd3lm.data.corpus: corpus format, reading, the validation split rule, in-memory packing (the token
+shards are tested in test_shards.py)."""
 
 import os
 
@@ -13,40 +14,14 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import bd3lm.data as data_mod  # noqa: E402
 from bd3lm.data import (  # noqa: E402
-    DEFAULT_CORPUS,
     DOC_SEPARATOR,
-    ChunkDataset,
-    build_datasets,
-    dataset_cache_path,
     default_corpus,
     pack,
     read_documents,
+    read_split,
     split_documents,
-    tokenize_documents,
 )
-from bd3lm.tokenizer import train_bpe_tokenizer  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def plays() -> list[str]:
-    return read_documents(DEFAULT_CORPUS)
-
-
-@pytest.fixture(scope="module")
-def small_tok(plays):
-    return train_bpe_tokenizer(plays[:3], vocab_size=512)
-
-
-@pytest.fixture
-def small_corpus(plays, tmp_path) -> str:
-    """Four plays' first 30k characters, in the corpus format, as a .txt.gz file."""
-    path = tmp_path / "small.txt.gz"
-    with gzip.open(path, "wt", encoding="utf-8") as f:
-        f.write(DOC_SEPARATOR.join(p[:30000].rsplit("\n", 1)[0] + "\n" for p in plays[3:7]))
-    return str(path)
-
 
 # ---------------------------------------------------------------- embedded corpus
 
@@ -84,6 +59,39 @@ def test_read_txt_formats(tmp_path):
     with gzip.open(gz, "wt", encoding="utf-8") as f:
         f.write("x\n\f\ny\n")
     assert read_documents(str(gz)) == ["x\n", "y\n"]
+    edges = tmp_path / "edges.txt"  # separator as the first and the last line (no newline), CRLF text kept
+    edges.write_bytes("\f\nfirst\r\n\f\r\n\fnot a separator\n\f \nsecond caf\u00e9\n\f".encode())
+    assert read_documents(str(edges)) == ["first\r\n", "\fnot a separator\n\f \nsecond caf\u00e9\n"]
+
+
+def test_read_directory_in_sorted_order(tmp_path):
+    (tmp_path / "sub").mkdir()
+    files = {"b.jsonl": ["b1", "b2"], "a.jsonl": ["a1"], "sub/c.jsonl": ["c1"], ".hidden.jsonl": ["h"]}
+    for name, texts in files.items():
+        (tmp_path / name).write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    (tmp_path / "README.md").write_text("not data")
+    assert read_documents(str(tmp_path)) == ["a1", "b1", "b2", "c1"]
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "2.txt").write_text("two\n\f\nthree\n")
+    (texts / "1.txt").write_text("one\n")
+    assert read_documents(str(texts)) == ["one\n", "two\n", "three\n"]
+    (texts / "3.jsonl").write_text('{"text": "x"}\n')
+    with pytest.raises(ValueError, match="mixes corpus file kinds") as e:
+        read_documents(str(texts))
+    assert "\n" not in str(e.value) and str(texts) in str(e.value)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_utf8_error_names_file_offset_and_line(tmp_path, gz):
+    raw = "ok line\n\f\nsecond doc caf\u00e9\n".encode("latin-1")
+    path = tmp_path / ("bad.txt.gz" if gz else "bad.txt")
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+    with pytest.raises(ValueError) as e:
+        read_documents(str(path))
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg and "0xe9 at offset 24" in msg and "line 3" in msg
+    assert ("after decompression" in msg) == gz
 
 
 def test_read_jsonl_and_parquet(tmp_path):
@@ -109,8 +117,11 @@ def test_read_errors(tmp_path):
     missing = tmp_path / "nothing_here.txt.gz"
     with pytest.raises(FileNotFoundError, match="nothing_here.txt.gz"):
         read_documents(str(missing))
-    with pytest.raises(FileNotFoundError, match="some-hub-dataset"):  # offline: no hub lookup
+    with pytest.raises(FileNotFoundError) as e:  # offline: only the local HF cache is looked at
         read_documents("some-hub-dataset")
+    assert str(e.value) == (
+        "dataset 'some-hub-dataset' is not in the local Hugging Face cache and hub access is disabled "
+        "(HF_DATASETS_OFFLINE): pass data.path=DIR of jsonl/parquet files")
     empty = tmp_path / "empty.txt"
     empty.write_text(" \n\n\f\n\t\n")
     with pytest.raises(ValueError, match="empty"):
@@ -124,16 +135,27 @@ def test_read_errors(tmp_path):
 # ---------------------------------------------------------------- splitting
 
 
-def test_split_document_level_is_deterministic():
+def test_split_holds_out_the_last_documents():
     docs = [f"document {i}\nbody\n" for i in range(40)]
-    train, valid = split_documents(docs, valid_fraction=0.1, seed=3)
-    assert len(valid) == 4 and len(train) == 36
-    assert sorted(train + valid) == sorted(docs)
-    assert (train, valid) == split_documents(docs, valid_fraction=0.1, seed=3)
-    assert valid != split_documents(docs, valid_fraction=0.1, seed=4)[1]
-    assert [d for d in docs if d in valid] == valid  # original order kept
-    assert split_documents(docs, valid_docs=2, seed=0)[1].__len__() == 2
+    assert split_documents(docs, valid_fraction=0.1) == (docs[:36], docs[36:])  # round(0.1 * 40) = 4
+    assert split_documents(docs, valid_fraction=0.1, seed=7) == (docs[:36], docs[36:])  # the seed plays no part
+    assert split_documents(docs, valid_fraction=0.01) == (docs[:39], docs[39:])  # round(0.4) = 0 -> at least 1
     assert split_documents(docs, valid_fraction=0.0) == (docs, [])
+    assert split_documents(docs, valid_fraction=0.5, valid_docs=3) == (docs[:37], docs[37:])  # overrides
+    assert split_documents(docs[:5], valid_docs=2) == (docs[:3], docs[3:5])  # whole documents even when few
+    assert split_documents(docs[:20], valid_fraction=0.05) == (docs[:19], docs[19:20])  # 20 = document split
+    for bad in ({"valid_docs": 40}, {"valid_docs": -1}, {"valid_fraction": 1.0}):
+        with pytest.raises(ValueError) as e:
+            split_documents(docs, **bad)
+        assert "\n" not in str(e.value) and str(next(iter(bad.values()))) in str(e.value)
+
+
+def test_read_split_applies_the_rule_to_the_file(tmp_path):
+    docs = [f"doc {i}\n" for i in range(30)]
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))
+    assert read_split(str(path), "body", 0.1) == (docs[:27], docs[27:])
+    assert read_split(str(path), "body", 0.1, valid_docs=5) == (docs[:25], docs[25:])
 
 
 def test_split_few_documents_cuts_tails_at_lines():
@@ -189,96 +211,3 @@ def test_pack_too_small():
     with pytest.raises(ValueError, match="model_length=8"):
         pack([[5] * 5], 8, eos_id=1, insert_eos=False, chunk_special=True)  # 5 tokens < 6 body
     assert pack([[5] * 5], 8, eos_id=1, chunk_special=True).shape == (1, 8)
-
-
-# ---------------------------------------------------------------- build + cache
-
-
-def test_build_content_matches_pipeline(small_corpus, small_tok, tmp_path):
-    train, valid = build_datasets(
-        small_corpus, small_tok, 32, cache_dir=str(tmp_path / "c"), valid_fraction=0.1
-    )
-    docs = read_documents(small_corpus)
-    tr_docs, va_docs = split_documents(docs, 0.1, 0)
-    eos = small_tok.eos_token_id
-    assert torch.equal(train, pack(tokenize_documents(tr_docs, small_tok), 32, eos_id=eos))
-    assert torch.equal(valid, pack(tokenize_documents(va_docs, small_tok), 32, eos_id=eos))
-    assert small_tok.mask_token_id not in train and small_tok.mask_token_id not in valid
-    assert (train == eos).sum() >= len(tr_docs) - 1  # one EOS per document (the last may be in the tail)
-    ds = ChunkDataset(train)
-    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
-    assert torch.equal(batch["input_ids"], train[:4]) and batch["attention_mask"].sum() == 4 * 32
-    assert torch.equal(ChunkDataset(train, as_dict=False)[3], train[3])
-
-
-def test_cache_keys_and_hits(small_corpus, small_tok, tmp_path, monkeypatch):
-    cache = tmp_path / "cache"
-    base = dict(cache_dir=str(cache), insert_eos=True, chunk_special=False, valid_fraction=0.05, seed=0)
-    variants = {
-        "base": ({}, 32),
-        "no_eos": ({"insert_eos": False}, 32),
-        "special": ({"chunk_special": True}, 32),
-        "length": ({}, 48),
-        "fraction": ({"valid_fraction": 0.2}, 32),
-    }
-    results, files = {}, {}
-    for name, (kw, length) in variants.items():
-        opts = {**base, **kw}
-        results[name] = build_datasets(small_corpus, small_tok, length, **opts)
-        files[name] = dataset_cache_path(small_corpus, small_tok, length, **opts)
-        assert files[name].is_file()
-    assert len(set(files.values())) == len(variants)
-    assert sorted(p.name for p in cache.iterdir()) == sorted(p.name for p in files.values())  # no temp files
-    b_train, b_valid = results["base"]
-    assert not torch.equal(results["no_eos"][0], b_train)
-    assert (results["special"][0][:, 0] == small_tok.bos_token_id).all()
-    assert results["length"][0].shape[1] == 48
-    assert results["fraction"][1].shape[0] > b_valid.shape[0]
-    # only valid_fraction changed... yet with fewer than 20 docs every document loses its tail: train differs
-    assert results["fraction"][0].shape[0] < b_train.shape[0]
-
-    # Same options: cache hit -- the corpus is not read again and the file is not rewritten.
-    mtime = files["base"].stat().st_mtime_ns
-
-    def boom(*a, **k):
-        raise AssertionError("corpus was re-read despite a cache hit")
-
-    monkeypatch.setattr(data_mod, "read_documents", boom)
-    again = build_datasets(small_corpus, small_tok, 32, **base)
-    assert torch.equal(again[0], b_train) and torch.equal(again[1], b_valid)
-    assert files["base"].stat().st_mtime_ns == mtime
-    # A different seed or text_field is another key even when content happens to be equal.
-    assert dataset_cache_path(small_corpus, small_tok, 32, **{**base, "seed": 1}) != files["base"]
-    assert dataset_cache_path(small_corpus, small_tok, 32, **base, text_field="body") != files["base"]
-
-
-def test_cache_keyed_by_corpus_and_tokenizer(small_corpus, small_tok, plays, tmp_path):
-    key = dataset_cache_path(small_corpus, small_tok, 32, cache_dir=str(tmp_path))
-    other_tok = train_bpe_tokenizer(plays[:1], vocab_size=400)
-    assert dataset_cache_path(small_corpus, other_tok, 32, cache_dir=str(tmp_path)) != key
-    with gzip.open(small_corpus, "at", encoding="utf-8") as f:
-        f.write("\f\nA new document appended.\n")
-    assert dataset_cache_path(small_corpus, small_tok, 32, cache_dir=str(tmp_path)) != key
-
-
-def test_mask_never_in_data(small_tok, tmp_path):
-    corpus = tmp_path / "masky.txt"
-    corpus.write_text(
-        ("Some text with a literal <|mask|> token inside.\n" * 40) + "\f\n" + "more text\n" * 40
-    )
-    with pytest.raises(ValueError, match="mask id"):
-        build_datasets(str(corpus), small_tok, 16, cache_dir=str(tmp_path / "c"))
-    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
-
-
-def test_build_errors(small_tok, tmp_path):
-    with pytest.raises(FileNotFoundError, match="absent.txt"):
-        build_datasets(str(tmp_path / "absent.txt"), small_tok, 16, cache_dir=str(tmp_path))
-    empty = tmp_path / "empty.txt"
-    empty.write_text("\n\n  \n")
-    with pytest.raises(ValueError, match="empty"):
-        build_datasets(str(empty), small_tok, 16, cache_dir=str(tmp_path))
-    tiny = tmp_path / "tiny.txt"
-    tiny.write_text("Hi.\n")
-    with pytest.raises(ValueError, match="model_length=1024"):
-        build_datasets(str(tiny), small_tok, 1024, cache_dir=str(tmp_path), valid_fraction=0.0)

@@ -197,12 +197,13 @@ def test_constants_match_the_library():
 
     assert common.SAMPLERS == RULES and common.STEPPED == STEPPED and common.TOP_P_RULES == TOP_P_RULES
     assert long_docs.MODES == MODES and ppl.PROTOCOLS == tuple(PROTOCOLS)
-    from bd3lm import checkpoint, data
+    from bd3lm import checkpoint
+    from bd3lm.data import corpus
     from bd3lm.evaluation import checks, corpora
 
     assert checks.CHECKPOINT_WEIGHTS == checkpoint.WEIGHT_FILES
     assert checks.TOKENIZER_FILES == corpora._TOKENIZER_FILES
-    assert set(checks.DATASET_SUFFIXES) == set(data._TEXT_SUFFIXES) | set(data._DATASET_SUFFIXES)
+    assert set(checks.DATASET_SUFFIXES) == set(corpus._KINDS)
 
 
 def test_file_checks(tmp_path):

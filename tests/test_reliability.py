@@ -31,9 +31,9 @@ from safetensors.torch import load_file
 import train
 from bd3lm.data import DEFAULT_CORPUS, read_documents
 from bd3lm.faults import Interrupted, dumps
-from bd3lm.lit_callbacks import read_metrics
-from bd3lm.lit_checkpoint import INTEGRITY_KEY, AtomicCheckpointIO, export_hf, inspect_checkpoint
-from bd3lm.run_dir import RunDirLock, check_resume_config, owns_run_dir
+from bd3lm.training.callbacks import read_metrics
+from bd3lm.training.checkpoint import INTEGRITY_KEY, AtomicCheckpointIO, export_hf, inspect_checkpoint
+from bd3lm.training.run_dir import RunDirLock, check_resume_config, owns_run_dir
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*LeafSpec.*"),
@@ -172,29 +172,29 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_the_rerun_resumes(tmp_path, ti
     inspect_checkpoint(last)  # finite and intact
     assert not (run_dir / "hf").exists()  # a half-trained model is not exported as final
     assert leftovers(run_dir) == []
-    assert len(read_metrics(run_dir / "csv" / "metrics.csv")["train/loss"]) == step  # every step's metrics kept
+    assert len(read_metrics(run_dir / "csv")["train/loss"]) == step  # every step's metrics kept
 
     # the same command resumes (max_steps is one of the settings a rerun may change)
     rc, out, err = main(tiny(run_dir, f"trainer.max_steps={step + 2}", "trainer.val_every=9"), capsys)
     assert rc == 0, err
     assert f"resuming from {last} (step {step})" in out
     assert step_of(last) == step + 2 and (run_dir / "hf" / "model.safetensors").is_file()
-    assert [s for s, _ in read_metrics(run_dir / "csv" / "metrics.csv")["train/loss"]] == list(range(step + 2))
+    assert [s for s, _ in read_metrics(run_dir / "csv")["train/loss"]] == list(range(step + 2))
 
 
 def _signal_at_step(monkeypatch, signum: int, at: int) -> None:
     """Send ``signum`` to this process from a callback when optimiser step ``at`` has ended (a real signal;
     RunGuard's on_train_batch_end has already run for that step, so the stop comes after the next check)."""
-    from bd3lm import lit_callbacks
+    from bd3lm.training import callbacks
 
-    original = lit_callbacks.Throughput.on_train_batch_end
+    original = callbacks.TokenThroughput.on_train_batch_end  # the stock ThroughputMonitor's, after RunGuard's
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         original(self, trainer, pl_module, outputs, batch, batch_idx)
         if trainer.global_step == at:
             os.kill(os.getpid(), signum)
 
-    monkeypatch.setattr(lit_callbacks.Throughput, "on_train_batch_end", on_train_batch_end)
+    monkeypatch.setattr(callbacks.TokenThroughput, "on_train_batch_end", on_train_batch_end)
 
 
 def test_sigint_during_a_validation_step_stops_after_it_and_the_resume_is_exact(tmp_path, tiny, capsys, monkeypatch):
@@ -214,7 +214,7 @@ def test_sigint_during_a_validation_step_stops_after_it_and_the_resume_is_exact(
 
     rc, out, err = main(tiny(run_dir), capsys)
     assert rc == 0 and "(step 2)" in out, err
-    got, ref = read_metrics(run_dir / "csv" / "metrics.csv"), read_metrics(reference / "csv" / "metrics.csv")
+    got, ref = read_metrics(run_dir / "csv"), read_metrics(reference / "csv")
     assert got["train/loss"] == ref["train/loss"] and got["val/nll"] == ref["val/nll"]  # the same trajectory
     a = torch.load(last, weights_only=True)["state_dict"]
     b = torch.load(reference / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
@@ -237,15 +237,15 @@ def test_a_signal_in_the_last_step_skips_the_export_and_the_rerun_finishes(tmp_p
 
 
 def test_sigterm_before_training_leaves_nothing(tmp_path, tiny, capsys, monkeypatch):
-    from bd3lm import lit_data
+    from bd3lm.training import data
 
-    real = lit_data.prepare_datasets
+    real = data.prepare_data
 
-    def prepare_datasets(*args, **kwargs):
+    def prepare_data(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)  # main()'s handler raises at once: nothing is being trained yet
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(lit_data, "prepare_datasets", prepare_datasets)
+    monkeypatch.setattr(data, "prepare_data", prepare_data)
     run_dir = tmp_path / "run"
     rc, out, err = main(tiny(run_dir), capsys)
     assert rc == 143 and err == [
@@ -298,7 +298,7 @@ def test_the_guard_sees_an_overflowing_optimiser_state(tmp_path):
     from types import SimpleNamespace
 
     from bd3lm.faults import NonFiniteError
-    from bd3lm.lit_guard import RunGuard
+    from bd3lm.training.guard import RunGuard
 
     module = torch.nn.Linear(3, 2)
     opt = torch.optim.Adam(module.parameters())
@@ -423,7 +423,8 @@ def test_resume_config_rules(tmp_path, tiny):
     for key, value, why in [
         ("optim.lr", "1e-2", "restored from the checkpoint"),
         ("data.vocab_size", "512", "tokenizer"),
-        ("seed", "2", "data split"),
+        ("seed", "2", "data order"),
+        ("data.num_workers", "3", "loader with that many workers"),
         ("data.batch_size", "2", "batch"),
     ]:
         with pytest.raises(Exception, match=rf"{re.escape(key)}=.*{why}") as info:
@@ -516,7 +517,7 @@ class _FullDisk:
 
 
 def test_disk_full_while_checkpointing_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    from bd3lm import lit_checkpoint
+    from bd3lm.training import checkpoint
 
     path = tmp_path / "checkpoints" / "last.ckpt"
     io = AtomicCheckpointIO()
@@ -530,24 +531,24 @@ def test_disk_full_while_checkpointing_is_one_line_and_keeps_the_previous_checkp
         real_save(obj, _FullDisk(f, 200))
 
     for fail in (no_space, fills_up):
-        monkeypatch.setattr(lit_checkpoint.torch, "save", fail)
+        monkeypatch.setattr(checkpoint.torch, "save", fail)
         with pytest.raises(Exception) as info:
             io.save_checkpoint({"state_dict": {"w": torch.zeros(1000)}}, path)
         assert str(info.value) == f"could not write checkpoint to {path.parent}: No space left on device"
         assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]  # no temporary left
-        monkeypatch.setattr(lit_checkpoint.torch, "save", real_save)
+        monkeypatch.setattr(checkpoint.torch, "save", real_save)
         assert torch.load(path, weights_only=True)["state_dict"]["w"].sum() == 3  # the previous one, intact
 
 
 def test_disk_full_during_training(tmp_path, tiny, capsys, monkeypatch):
-    from bd3lm import lit_checkpoint
+    from bd3lm.training import checkpoint
 
     real_save = torch.save
 
     def save(obj, f):  # the checkpoints of step 4 do not fit
         return real_save(obj, _FullDisk(f, 4096) if obj.get("global_step", 0) >= 4 else f)
 
-    monkeypatch.setattr(lit_checkpoint.torch, "save", save)
+    monkeypatch.setattr(checkpoint.torch, "save", save)
     run_dir = tmp_path / "run"
     rc, out, err = main(tiny(run_dir, "trainer.max_steps=6"), capsys)
     ckpts = run_dir / "checkpoints"

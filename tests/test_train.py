@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import bd3lm
-from bd3lm.lit_callbacks import read_metrics
+from bd3lm.training.callbacks import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = str(REPO / "train.py")
@@ -121,7 +121,7 @@ def test_smoke_trains_validates_checkpoints_and_exports(smoke_run, workdir):
 
     tok = AutoTokenizer.from_pretrained(str(hf))
     assert len(tok) == model.config.vocab_size and tok.mask_token_id == model.config.mask_index
-    metrics = read_metrics(run_dir / "csv" / "metrics.csv")
+    metrics = read_metrics(run_dir / "csv")
     assert len(metrics["train/loss"]) == 30 and len(metrics["val/nll"]) == 3
     assert all(math.isfinite(v) for _, v in metrics["val/ppl"])
     assert (run_dir / "training_curves.png").stat().st_size > 1000
@@ -186,8 +186,8 @@ def test_resume_after_sigkill_continues_the_exact_trajectory(smoke_run, tmp_path
     assert "resuming from" in resumed.stdout
     step = int(resumed.stdout.split("resuming from")[1].split("(step ")[1].split(")")[0])
     assert 10 <= step < 30
-    ref = read_metrics(reference / "csv" / "metrics.csv")
-    got = read_metrics(run_dir / "csv" / "metrics.csv")
+    ref = read_metrics(reference / "csv")
+    got = read_metrics(run_dir / "csv")
     ref_loss, got_loss = dict(ref["train/loss"]), dict(got["train/loss"])
     assert set(got_loss) == set(
         range(30)
@@ -242,7 +242,7 @@ def test_finetune_from_a_block_size_l_pretrain(tmp_path, cache_dir, workdir):
     pre = tmp_path / "mdlm"
     ok(run_in_process(train_cmd(pre, cache_dir, "algo=mdlm", "trainer.max_steps=10"), workdir))
     assert json.loads((pre / "hf" / "config.json").read_text())["block_size"] == 64
-    pre_val = read_metrics(pre / "csv" / "metrics.csv")["val/nll"][-1][1]
+    pre_val = read_metrics(pre / "csv")["val/nll"][-1][1]
 
     ft = tmp_path / "bd3lm"
     proc = ok(
@@ -252,7 +252,7 @@ def test_finetune_from_a_block_size_l_pretrain(tmp_path, cache_dir, workdir):
         )
     )
     assert "warm start" in proc.stdout
-    metrics = read_metrics(ft / "csv" / "metrics.csv")
+    metrics = read_metrics(ft / "csv")
     # the warm start evaluated at the pretrain's block size reproduces the pretrain's final validation NELBO
     assert metrics["init/val_nll_source"][0][1] == pytest.approx(pre_val, rel=1e-6)
     assert metrics["init/val_nll"][0][1] != pytest.approx(pre_val, rel=1e-6)  # at L' = 4 it differs
@@ -267,6 +267,54 @@ def test_finetune_from_a_block_size_l_pretrain(tmp_path, cache_dir, workdir):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "shape mismatch" in lines[0]
     assert checkpoints(bad) == []
+
+
+def owt_sample(directory: Path, docs: int = 14, words: int = 900) -> Path:
+    """An OpenWebText-format sample: jsonl files of ``{"text": ...}`` records (passages of the embedded plays)."""
+    from bd3lm.data import DEFAULT_CORPUS, read_documents
+
+    plays = read_documents(DEFAULT_CORPUS)
+    directory.mkdir(parents=True)
+    for part in range(2):
+        with open(directory / f"urlsf_subset0{part}.jsonl", "w") as f:
+            for i in range(part * docs // 2, (part + 1) * docs // 2):
+                f.write(json.dumps({"text": " ".join(plays[i].split()[:words])}) + "\n")
+    return directory
+
+
+OWT_SMALL_ON_CPU = [  # the recipe's data, tokenizer, L = 1024 and optimiser; a narrow network on one CPU process
+    "experiment=owt_small", "model.hidden_dim=32", "model.cond_dim=16", "model.n_blocks=1", "model.n_heads=2",
+    "trainer.accelerator=cpu", "trainer.devices=1", "strategy=auto", "trainer.precision=32-true",
+    "data.batch_size=1", "data.eval_batch_size=1", "trainer.accumulate_grad_batches=1", "data.num_workers=0",
+    "data.num_proc=1", "data.valid_docs=2", "trainer.val_every=2", "trainer.limit_val_batches=1",
+    "trainer.num_sanity_val_steps=0", "trainer.log_every=1",
+]
+
+
+@pytest.mark.slow
+def test_owt_small_recipe_runs_end_to_end_on_a_local_sample(tmp_path, workdir):
+    """The README's OpenWebText commands on a local OWT-format sample: prepare, MDLM pretrain, BD3-LM fine-tune."""
+    data = [f"data.path={owt_sample(tmp_path / 'owt')}", f"data.cache_dir={tmp_path / 'cache'}"]
+    pre, ft = tmp_path / "owt_mdlm", tmp_path / "owt_bd3lm_16"
+    proc = ok(run_in_process([sys.executable, TRAIN, *OWT_SMALL_ON_CPU, *data, f"run_dir={pre}", "mode=prepare"],
+                             workdir))
+    assert "validation chunks of 1024 tokens" in proc.stdout
+    (index,) = (tmp_path / "cache").glob("owt-L1024-*/index.json")
+    meta = json.loads(index.read_text())
+    assert meta["dtype"] == "uint16" and meta["vocab_size"] == 50258 and meta["splits"]["valid"]["documents"] == 2
+    ok(run_in_process([sys.executable, TRAIN, *OWT_SMALL_ON_CPU, *data, "algo=mdlm", f"run_dir={pre}",
+                       "trainer.max_steps=2"], workdir))
+    proc = ok(run_in_process([sys.executable, TRAIN, *OWT_SMALL_ON_CPU, *data, f"run_dir={ft}",
+                              f"init_from={pre / 'hf'}", "algo.block_size=16", "algo.search_every=0",
+                              "trainer.max_steps=2"], workdir))
+    assert "warm start" in proc.stdout
+    stored = (ft / "config.yaml").read_text()
+    for line in ("lr: 0.0003", "warmup_steps: 2500", "decay: 0.9999", "tokenizer: gpt2", "valid_docs: 2"):
+        assert line in stored, line
+    model = bd3lm.BD3LM.from_pretrained(ft / "hf")
+    assert (model.config.model_length, model.config.block_size, model.config.vocab_size) == (1024, 16, 50258)
+    assert bd3lm.BD3LM.from_pretrained(pre / "hf").config.block_size == 1024
+    assert len(read_metrics(ft / "csv")["train/loss"]) == 2
 
 
 def test_ignore_bos_training_is_evaluated_the_same_way(tmp_path, cache_dir, workdir):

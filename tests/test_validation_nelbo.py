@@ -1,4 +1,4 @@
-"""``bd3lm.lit.validation_nelbo`` (what training logs as ``val/nll``) against an exact enumeration of the NELBO.
+"""``bd3lm.training.module.validation_nelbo`` (what training logs as ``val/nll``) against an exact NELBO enumeration.
 
 Oracle: a tiny model with 2 real tokens + the mask and L = 4, so every sequence (16) and every mask pattern of every
 block can be enumerated. The continuous-time NELBO of a sequence with the SUBS parameterisation is
@@ -28,7 +28,7 @@ import torch
 from conftest import tiny_model
 
 import bd3lm
-from bd3lm.lit import block_size_override, validation_nelbo
+from bd3lm.training.module import block_size_override, validation_nelbo
 
 V, MASK, L = 3, 2, 4
 ALL = torch.tensor(list(product(range(MASK), repeat=L)))  # the 16 sequences of 2 real tokens

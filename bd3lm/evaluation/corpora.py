@@ -1,8 +1,8 @@
 """What an evaluation reads: a checkpoint with its tokenizer, and text packed into chunks of ``model_length``.
 
 - :func:`load_checkpoint`: a ``save_pretrained`` directory (model + the tokenizer the training run saved there).
-- :func:`validation_chunks`: the validation split of a training run, exactly as the run packed it (same corpus,
-  split rule, seed, EOS insertion and cache).
+- :func:`validation_chunks`: the validation split of a training run, exactly as the run packed it (the same token
+  shards: same corpus, split rule, EOS insertion and cache directory).
 - :func:`chunks_from_file`: any local ``.txt``/``.txt.gz``/``.jsonl``/``.parquet`` file or directory (zero-shot
   evaluation), wrap-packed like the training data: every document followed by EOS when ``insert_eos`` (the official
   data pipeline's ``insert_valid_eos``), the tail shorter than one chunk dropped.
@@ -16,7 +16,15 @@ from pathlib import Path
 import torch
 
 from bd3lm.checkpoint import check_checkpoint_dir
-from bd3lm.data import build_datasets, default_corpus, pack, read_documents, resolve_cache_dir, tokenize_documents
+from bd3lm.data import (
+    ShardOptions,
+    default_corpus,
+    open_split,
+    pack,
+    prepare_shards,
+    read_documents,
+    resolve_cache_dir,
+)
 
 __all__ = ["chunks_from_file", "load_checkpoint", "validation_chunks"]
 
@@ -51,23 +59,28 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
 
 
 def validation_chunks(train_cfg, tokenizer) -> torch.Tensor:
-    """The validation chunks of the run whose resolved ``config.yaml`` is ``train_cfg`` (an OmegaConf node)."""
+    """The validation chunks of the run whose resolved ``config.yaml`` is ``train_cfg`` (an OmegaConf node): the
+    ``valid`` split of the run's token shards (prepared again if the cache was removed). ``data.valid_docs``,
+    ``data.shard_dtype`` and ``data.num_proc`` may be absent (older runs): the defaults then apply."""
     data = train_cfg.data
     path = os.path.expanduser(str(data.path)) if data.path else default_corpus()  # as train.py reads it
-    _, valid = build_datasets(
-        path,
-        tokenizer,
-        int(train_cfg.model.length),
-        cache_dir=str(resolve_cache_dir(data.cache_dir)),
+    valid_docs = data.get("valid_docs")
+    options = ShardOptions(
+        model_length=int(train_cfg.model.length),
         insert_eos=bool(data.insert_eos),
-        chunk_special=False,
         valid_fraction=float(data.valid_fraction),
-        seed=int(train_cfg.seed),
+        valid_docs=None if valid_docs is None else int(valid_docs),
         text_field=str(data.text_field),
+        dtype=str(data.get("shard_dtype") or "auto"),
     )
-    if valid.shape[0] == 0:
-        raise ValueError(f"the validation split of {path} is empty (data.valid_fraction={data.valid_fraction})")
-    return valid
+    num_proc = data.get("num_proc")
+    shards = prepare_shards(path, tokenizer, options, cache_dir=resolve_cache_dir(data.cache_dir),
+                            num_proc=None if num_proc is None else int(num_proc))
+    valid = open_split(shards, "valid")
+    if len(valid) == 0:
+        raise ValueError(f"the validation split of {path} is empty (data.valid_fraction={data.valid_fraction}, "
+                         f"data.valid_docs={valid_docs})")
+    return valid.to_tensor()
 
 
 def chunks_from_file(
@@ -87,7 +100,7 @@ def chunks_from_file(
         raise FileNotFoundError(f"dataset {path!r} does not exist (a local .txt/.txt.gz/.jsonl/.parquet file or a "
                                 "directory of them)")
     docs = read_documents(path, text_field)
-    ids = tokenize_documents(docs, tokenizer)
+    ids = tokenizer(docs, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is None and (insert_eos or chunk_special):
         raise ValueError("the tokenizer has no EOS token to insert (set insert_eos=false chunk_special=false)")
     try:

@@ -1,34 +1,31 @@
 """Stop a training run cleanly: on SIGTERM/SIGINT with a resumable checkpoint, on NaN/inf without saving.
 
-:class:`RunGuard` is a Lightning callback. It is written by hand because Lightning's own mechanisms do not give
-these guarantees:
+:class:`RunGuard` is a Lightning callback, written by hand because Lightning's own mechanisms do not guarantee this:
 
-* Lightning's SIGTERM handling sets ``trainer.received_sigterm`` and raises ``SIGTERMException`` -- a
-  ``SystemExit`` with status 0 -- at the end of the step *or in the middle of a validation*, and saves nothing
-  (``OnExceptionCheckpoint`` would save on any exception, a diverged model included, into its own file that a
-  rerun does not resume). SIGINT becomes ``KeyboardInterrupt``, which it turns into ``sys.exit(1)``.
+* Lightning's SIGTERM handling sets ``trainer.received_sigterm`` and raises ``SIGTERMException`` -- a ``SystemExit``
+  with status 0 -- at the end of the step *or in the middle of a validation*, and saves nothing
+  (``OnExceptionCheckpoint`` would save on any exception, a diverged model included, into its own file that a rerun
+  does not resume). SIGINT becomes ``KeyboardInterrupt``, which it turns into ``sys.exit(1)``.
 * ``Trainer.should_stop`` forces one more validation (and clip search) before stopping: a run interrupted by a
-  scheduler's grace period would spend it validating, and its trajectory would differ from an uninterrupted
-  one.
+  scheduler's grace period would spend it validating, and its trajectory would differ from an uninterrupted one.
 
 So, from ``on_train_start`` to ``on_train_end`` the guard owns SIGTERM and SIGINT; the handler only records the
 signal. At the end of the current optimiser step the guard saves ``last.ckpt`` (``trainer.save_checkpoint`` in
-``on_train_batch_end``, a point Lightning resumes from exactly) and raises :class:`~bd3lm.faults.Interrupted`,
-which ``train.py`` reports in one line with exit status 128 + signal, without exporting. When a validation
-follows that step, it runs first (it may move the clip interval) and the guard stops right after it, on the
-``last.ckpt`` that ``ModelCheckpoint`` writes after every validation. A second signal raises at once (nothing
-more is saved; every write is atomic, so nothing is lost either).
+``on_train_batch_end``, a point Lightning resumes from exactly) and raises :class:`~bd3lm.faults.Interrupted`, which
+``train.py`` reports in one line with exit status 128 + signal, without exporting. When a validation follows that
+step, it runs first (it may move the clip interval) and the guard stops right after it, on the ``last.ckpt`` that
+``ModelCheckpoint`` writes after every validation. A second signal raises at once (nothing more is saved; every
+write is atomic, so nothing is lost either).
 
 After every optimiser step the guard checks that the loss of every micro-batch, every parameter and the optimiser
-state are finite, and after every validation that the NELBO is (finite weights can overflow in the forward
-pass); otherwise it raises :class:`~bd3lm.faults.NonFiniteError` before any checkpoint or export can see the
-model, so the last good checkpoint and export stay as they were.
+state are finite, and after every validation that the NELBO is (finite weights can overflow in the forward pass);
+otherwise it raises :class:`~bd3lm.faults.NonFiniteError` before any checkpoint or export can see the model, so the
+last good checkpoint and export stay as they were.
 
 The check costs one multi-tensor norm over the weights and optimiser state and one host synchronisation per
-optimiser step (the
-``tolist`` of three flags), the price of stopping *at* the step that diverged rather than some steps later.
-With several ranks one all-reduce per step (the maximum of the non-finite flags and of the signal numbers)
-makes every rank take the same decision at the same step: a rank that stopped alone would leave the others
+optimiser step (the ``tolist`` of three flags), the price of stopping *at* the step that diverged rather than some
+steps later. With several ranks one all-reduce per step (the maximum of the non-finite flags and of the signal
+numbers) makes every rank take the same decision at the same step: a rank that stopped alone would leave the others
 waiting in a collective forever.
 """
 
@@ -49,12 +46,16 @@ from bd3lm.faults import STOP_SIGNALS, Interrupted, NonFiniteError
 __all__ = ["RunGuard"]
 
 
-class RunGuard(Callback):
-    """Graceful stop on SIGTERM/SIGINT and fail-fast on non-finite loss, weights or NELBO (module docstring).
+def _max_over_ranks(trainer: L.Trainer, flags: torch.Tensor) -> list[int]:
+    """``flags`` (as ints), each the maximum over every rank when there are several (one all-reduce)."""
+    if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    return [int(v) for v in flags.tolist()]
 
-    Args:
-        last: the checkpoint a rerun resumes from (``run_dir/checkpoints/last.ckpt``).
-    """
+
+class RunGuard(Callback):
+    """Graceful stop on SIGTERM/SIGINT and fail-fast on non-finite loss, weights or NELBO (module docstring);
+    ``last`` is the checkpoint a rerun resumes from (``run_dir/checkpoints/last.ckpt``)."""
 
     def __init__(self, last: str | Path) -> None:
         self.last = Path(last)
@@ -64,24 +65,17 @@ class RunGuard(Callback):
         self._previous: dict[int, Any] = {}
         self._bad_loss: torch.Tensor | None = None
 
-    # ------------------------------------------------------------------ signals
-
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.signum:  # a second signal: stop now
             raise Interrupted(signum, checkpoint=self.last)
         self.signum = int(signum)
 
-    def _install(self) -> None:
-        if threading.current_thread() is not threading.main_thread() or self._previous:
-            return
-        for s in STOP_SIGNALS:
-            self._previous[s] = signal.getsignal(s)
-            signal.signal(s, self._on_signal)
-
-    def _restore(self) -> None:
+    def _restore(self, *_: Any, **__: Any) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
         self._previous = {}
+
+    on_exception = teardown = _restore  # Lightning hooks (teardown gets stage=): every other way out of fit
 
     def _interrupt(self, trainer: L.Trainer, signum: int, *, save: bool, log_step: bool = False) -> Interrupted:
         self._restore()
@@ -96,13 +90,13 @@ class RunGuard(Callback):
     def _validation_follows(trainer: L.Trainer) -> bool:
         """Whether Lightning validates after the optimiser step that just ended (its own criterion)."""
         every = trainer.val_check_batch
-        if not trainer.enable_validation or not isinstance(every, int) or every <= 0:
-            return False
-        return (trainer.fit_loop.epoch_loop.total_batch_idx + 1) % every == 0
+        due = trainer.enable_validation and isinstance(every, int) and every > 0
+        return due and (trainer.fit_loop.epoch_loop.total_batch_idx + 1) % every == 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.signum = self.stop_after_validation = 0
-        self._install()
+        if threading.current_thread() is threading.main_thread() and not self._previous:
+            self._previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int):
         if batch_idx % trainer.accumulate_grad_batches:
@@ -115,21 +109,11 @@ class RunGuard(Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         signum = self.stop_after_validation or self.signum
-        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            flag = torch.tensor([float(signum)], device=pl_module.device)  # every rank ends here: agree once more
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            signum = int(flag.item())
+        if trainer.world_size > 1:  # every rank ends here: agree once more
+            signum = _max_over_ranks(trainer, torch.tensor([float(signum)], device=pl_module.device))[0]
         if signum:  # during the last step or the last validation: keep the promise, no export
             raise self._interrupt(trainer, signum, save=True)
         self._restore()
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self._restore()
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._restore()
-
-    # ------------------------------------------------------------------ step end: non-finite values, signals
 
     def _diverged(self, what: str, value: float, step: int) -> NonFiniteError:
         self._restore()
@@ -163,20 +147,18 @@ class RunGuard(Callback):
             flags[0] = self._bad_loss.float()
         # the weights and the optimiser state (Adam's second moment can overflow while the weights stay finite;
         # the checkpoint writer refuses it, on rank 0 only, which would leave the other ranks waiting)
+        states = [v for opt in trainer.optimizers for state in opt.state.values() for v in state.values()]
         tensors = [p.detach() for p in pl_module.parameters()]
-        tensors += [v for opt in trainer.optimizers for state in opt.state.values() for v in state.values()
-                    if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() > 1]
+        tensors += [v for v in states if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() > 1]
         if tensors:  # one fused multi-tensor kernel: a tensor's norm is finite iff all its values are
             flags[1] = (~torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all()).float()
         flags[2] = float(self.signum)
-        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        loss_flag, weight_flag, signum = (int(v) for v in flags.tolist())
+        loss_flag, weight_flag, signum = _max_over_ranks(trainer, flags)
         self._bad_loss = None
         if loss_flag or weight_flag:
-            value = float(loss.detach().float().mean()) if isinstance(loss, torch.Tensor) else math.nan
+            value = float(loss.detach().float().mean()) if loss_flag and isinstance(loss, torch.Tensor) else math.nan
             what = "the training loss" if loss_flag else "the weights or the optimiser state"
-            raise self._diverged(what, value if loss_flag else math.nan, int(trainer.global_step))
+            raise self._diverged(what, value, int(trainer.global_step))
         if signum and self._validation_follows(trainer):
             self.stop_after_validation = signum
         elif signum:

@@ -1,16 +1,9 @@
-"""Checkpoint plumbing of training runs: atomic Lightning checkpoints, warm starts, the Hugging Face export.
+"""Checkpoint plumbing of training runs: atomic Lightning checkpoints, warm starts, the Hugging Face export, RNG state.
 
-* :class:`AtomicCheckpointIO` writes every Lightning checkpoint to a temporary file in the target directory
-  and renames it into place, so a crash or SIGKILL never leaves a truncated ``last.ckpt``; a failed write (a
-  full disk) is one line and leaves the previous checkpoint intact. It refuses to write non-finite values and
-  stores a CRC-32 of every tensor, which loading checks (:func:`verify_checkpoint`): torch's zip reader does
-  not, so flipped bytes would otherwise be resumed silently.
-* :func:`inspect_checkpoint` opens a checkpoint with ``weights_only=True`` (no arbitrary unpickling), verifies
-  it and turns any failure into a one-line error naming the file.
-* :func:`load_init_weights` warm-starts a model from an exported directory (safetensors only) or a Lightning
-  checkpoint (its EMA weights), with a strict key and shape check.
-* :func:`export_hf` writes ``config.json`` + ``model.safetensors`` (EMA weights, learned clip interval in the
-  buffers and the config) + the tokenizer, atomically, in the official layout.
+Every Lightning checkpoint is written to a temporary file beside the target and renamed into place, so a crash or
+SIGKILL never leaves a truncated ``last.ckpt`` and a failed write (a full disk) is one line that keeps the previous
+checkpoint. Non-finite weights are refused, and a CRC-32 of every tensor is stored and checked on loading: torch's
+zip reader does not check, so flipped bytes would otherwise be resumed silently.
 """
 
 from __future__ import annotations
@@ -22,7 +15,7 @@ import shutil
 import tempfile
 import zlib
 from collections.abc import Iterator, Mapping
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +45,12 @@ __all__ = [
 #: Buffers that hold the training clip interval, not learned weights: a warm start resets them.
 INTERVAL_KEYS = ("sampling_eps_min", "sampling_eps_max")
 
-
 #: Checkpoint entry holding ``{"crc32": ..., "tensors": ...}`` of every tensor of the checkpoint.
 INTEGRITY_KEY = "bd3lm_integrity"
+
+#: Where a Lightning checkpoint holds the model and the optimiser (which must be finite); elsewhere infinities
+#: are legitimate (``ModelCheckpoint`` starts its best score at ±inf).
+WEIGHT_PATHS = ("state_dict.", "optimizer_states.", "bd3lm.ema.")
 
 
 def _tensors(tree: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
@@ -70,20 +66,12 @@ def _tensors(tree: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
             yield from _tensors(v, f"{prefix}{i}.")
 
 
-#: Where a Lightning checkpoint holds the model and the optimiser (which must be finite); elsewhere infinities
-#: are legitimate (``ModelCheckpoint`` starts its best score at ±inf).
-WEIGHT_PATHS = ("state_dict.", "optimizer_states.", "bd3lm.ema.")
-
-
 def scan_tensors(tree: Any, finite: tuple[str, ...] | None = None) -> tuple[int, int, str | None]:
-    """``(crc32, number of tensors, key path of the first non-finite tensor or None)`` over ``tree``.
-
-    ``finite``: the key path prefixes whose tensors must be finite (None: every tensor).
-    """
+    """``(crc32, number of tensors, key path of the first non-finite tensor or None)`` over ``tree``; only tensors
+    under the key path prefixes ``finite`` (None: every tensor) must be finite."""
     crc, count, bad = 0, 0, None
     for path, t in _tensors(tree):
-        data = t.detach()
-        data = (data.cpu() if data.device.type != "cpu" else data).contiguous().reshape(-1)
+        data = t.detach().cpu().contiguous().reshape(-1)
         crc = zlib.crc32(f"{path}|{data.dtype}|{tuple(t.shape)}".encode(), crc)
         if data.numel():
             crc = zlib.crc32(data.view(torch.uint8).numpy(), crc)
@@ -94,17 +82,19 @@ def scan_tensors(tree: Any, finite: tuple[str, ...] | None = None) -> tuple[int,
     return crc, count, bad
 
 
-def _first_os_error(exc: BaseException) -> OSError | None:
-    """The ``OSError`` behind ``exc`` (torch reports a failed write as a RuntimeError from inline_container.cc
-    whose context is the ``OSError``)."""
+def _first_os_error(exc: BaseException | None) -> OSError | None:
+    """The ``OSError`` behind ``exc`` (torch reports a failed write as a RuntimeError raised while handling it)."""
     seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        if isinstance(e, OSError):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
     return None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 _VERIFIED: dict[tuple, bool] = {}
@@ -114,11 +104,9 @@ def verify_checkpoint(ckpt: Mapping[str, Any], path: str | os.PathLike) -> None:
     """Refuse (one-line ``ValueError`` naming ``path``) a checkpoint whose tensors are non-finite or whose
     tensors no longer match the CRC-32 stored when it was written (checkpoints without one are accepted)."""
     key = None
-    try:
+    with suppress(OSError):
         st = os.stat(path)
         key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
-    except OSError:
-        pass
     if key is not None and _VERIFIED.get(key):
         return
     crc, count, bad = scan_tensors(ckpt, WEIGHT_PATHS)
@@ -138,9 +126,8 @@ def verify_checkpoint(ckpt: Mapping[str, Any], path: str | os.PathLike) -> None:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``TorchCheckpointIO`` whose saves are atomic (temporary file in the same directory + ``os.replace``),
-    refuse non-finite values, carry a CRC-32 of their tensors and report a failed write in one line; loads are
-    verified (:func:`verify_checkpoint`)."""
+    """``TorchCheckpointIO`` with the atomic, finite, checksummed saves of the module docstring (a failed write
+    is one :class:`~bd3lm.faults.CheckpointWriteError` line) and verified loads (:func:`verify_checkpoint`)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
@@ -160,7 +147,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.fsync(f.fileno())
             os.chmod(tmp, default_mode())
             os.replace(tmp, path)
-            _fsync_dir(path.parent)
+            with suppress(OSError):  # make the rename durable (some filesystems cannot fsync a directory)
+                fd = os.open(path.parent, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
         except BaseException as e:
             if tmp is not None and os.path.exists(tmp):
                 os.unlink(tmp)
@@ -178,32 +170,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return ckpt
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (best effort: some filesystems cannot fsync a directory)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def clean_stale_temporaries(run_dir: str | os.PathLike) -> list[Path]:
     """Remove what a run killed mid-write left: ``checkpoints/.*.tmp``, ``.*.tmp``, ``.hf.*``, ``.tokenizer.*``.
 
     Only call this from the process that owns ``run_dir`` (rank 0, before training). Returns what was removed.
     """
     root = Path(run_dir)
-    stale = (
-        list((root / "checkpoints").glob(".*.tmp"))
-        + list(root.glob(".*.tmp"))
-        + list(root.glob(".hf.*"))
-        + list(root.glob(".tokenizer.*"))
-    )
+    stale = [p for pattern in ("checkpoints/.*.tmp", ".*.tmp", ".hf.*", ".tokenizer.*") for p in root.glob(pattern)]
     for p in stale:
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
@@ -213,20 +186,16 @@ def clean_stale_temporaries(run_dir: str | os.PathLike) -> list[Path]:
 
 
 def inspect_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a Lightning checkpoint safely (``weights_only=True``, tensors memory-mapped) and verify it
-    (:func:`verify_checkpoint`); one-line errors."""
+    """Load a Lightning checkpoint safely (``weights_only=True``: no arbitrary unpickling; tensors memory-mapped)
+    and verify it (:func:`verify_checkpoint`); any failure is a one-line error naming the file."""
     path = Path(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - any failure means the file cannot be used
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(
-            f"checkpoint {path} is corrupt or unreadable ({first}); delete it to start over"
-        ) from None
+        first = _first_line(e)
+        raise ValueError(f"checkpoint {path} is corrupt or unreadable ({first}); delete it to start over") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "bd3lm" not in ckpt:
-        raise ValueError(
-            f"checkpoint {path} is not a bd3lm training checkpoint (no state_dict/bd3lm entries)"
-        )
+        raise ValueError(f"checkpoint {path} is not a bd3lm training checkpoint (no state_dict/bd3lm entries)")
     verify_checkpoint(ckpt, path)
     return ckpt
 
@@ -237,7 +206,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     For a ``.ckpt`` the EMA shadow is preferred (that is what validation used and what would be exported);
     buffers come from its ``state_dict``. Pickled ``.bin``/``.pt`` files are refused.
     """
-    p = Path(os.path.expanduser(str(path)))
+    p = Path(path).expanduser()
     if p.is_dir():
         check_checkpoint_dir(p)
         from safetensors.torch import load_file
@@ -249,72 +218,55 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             try:
                 state.update(load_file(str(p / f)))
             except Exception as e:  # noqa: BLE001 - safetensors' errors do not name the file
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                first = _first_line(e)
                 raise ValueError(f"init_from {path}: {p / f} is not a readable safetensors file ({first})") from None
         return state
     if p.is_file() and p.suffix == ".ckpt":
         ckpt = inspect_checkpoint(p)
         state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-        ema = ckpt["bd3lm"].get("ema")
-        if ema is not None:
+        if (ema := ckpt["bd3lm"].get("ema")) is not None:
             state.update(ema["shadow"])
         return state
     if not p.exists():
         raise FileNotFoundError(f"init_from {path} does not exist")
-    raise ValueError(
-        f"init_from {path} must be an exported model directory (safetensors) or a Lightning .ckpt"
-    )
+    raise ValueError(f"init_from {path} must be an exported model directory (safetensors) or a Lightning .ckpt")
 
 
 def load_init_weights(model: BD3LM, path: str | os.PathLike) -> dict:
-    """Warm-start ``model`` in place from ``path`` with a strict check; returns info about the source.
+    """Warm-start ``model`` in place from ``path``; returns ``path`` and, when known, ``source_block_size``.
 
-    Every weight of ``model`` must be present with the same shape and no extra weight may exist, except the
-    clip interval buffers (reset to ``model``'s configured interval, since the block size usually changes).
-    Errors are one line, naming the first offending keys. The returned dict has ``path`` and, when known, the
-    source's ``block_size``.
+    Strict: every weight of ``model`` must be present with the same shape and no extra weight may exist, except
+    the clip interval buffers (left at ``model``'s configured interval, since the block size usually changes).
+    Errors are one line, naming the first offending keys.
     """
-    state = read_state_dict(path)
-    own = model.state_dict()
-    skip = set(INTERVAL_KEYS)
-    missing = sorted(k for k in own if k not in state and k not in skip)
-    unexpected = sorted(k for k in state if k not in own and k not in skip)
+    state, own = read_state_dict(path), model.state_dict()
+    missing = sorted(k for k in own if k not in state and k not in INTERVAL_KEYS)
+    unexpected = sorted(k for k in state if k not in own and k not in INTERVAL_KEYS)
     shapes = [
         f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
         for k in own
-        if k in state and k not in skip and tuple(state[k].shape) != tuple(own[k].shape)
+        if k in state and k not in INTERVAL_KEYS and tuple(state[k].shape) != tuple(own[k].shape)
     ]
-    if missing or unexpected or shapes:
-        parts = []
-        if shapes:
-            parts.append(f"shape mismatch (checkpoint vs model): {'; '.join(shapes[:3])}")
-        if missing:
-            parts.append(f"missing keys: {missing[:3]}")
-        if unexpected:
-            parts.append(f"unexpected keys: {unexpected[:3]}")
+    parts = [f"shape mismatch (checkpoint vs model): {'; '.join(shapes[:3])}"] if shapes else []
+    parts += [f"missing keys: {missing[:3]}"] if missing else []
+    parts += [f"unexpected keys: {unexpected[:3]}"] if unexpected else []
+    if parts:
         raise ValueError(f"init_from {path} does not match the model configuration: {', '.join(parts)}")
-    weights = {k: v for k, v in state.items() if k not in skip}
-    model.load_state_dict({**own, **{k: v.to(own[k].dtype) for k, v in weights.items()}}, strict=True)
+    weights = {k: v.to(own[k].dtype) for k, v in state.items() if k not in INTERVAL_KEYS}
+    model.load_state_dict({**own, **weights}, strict=True)
     info: dict = {"path": str(path)}
-    p = Path(os.path.expanduser(str(path)))
-    cfg_file = p / "config.json" if p.is_dir() else None
-    if cfg_file is not None and cfg_file.is_file():
-        info["source_block_size"] = int(json.loads(cfg_file.read_text()).get("block_size", 0)) or None
+    p = Path(path).expanduser()
+    if p.is_dir() and (p / "config.json").is_file():
+        info["source_block_size"] = int(json.loads((p / "config.json").read_text()).get("block_size", 0)) or None
     elif p.suffix == ".ckpt":
-        cfg = inspect_checkpoint(p).get("bd3lm_config") or {}
-        info["source_block_size"] = cfg.get("block_size")
+        info["source_block_size"] = (inspect_checkpoint(p).get("bd3lm_config") or {}).get("block_size")
     return info
 
 
 def export_hf(
-    model: BD3LM,
-    out_dir: str | os.PathLike,
-    *,
-    ema: EMA | None = None,
-    tokenizer=None,
-    info: dict | None = None,
+    model: BD3LM, out_dir: str | os.PathLike, *, ema: EMA | None = None, tokenizer=None, info: dict | None = None
 ) -> Path:
-    """Write ``model`` (EMA weights when ``ema`` is given) + ``tokenizer`` to ``out_dir`` atomically.
+    """Write ``model`` (EMA weights when ``ema`` is given) + ``tokenizer`` atomically to ``out_dir`` (official layout).
 
     The current clip interval is in the ``sampling_eps_min/max`` buffers and mirrored in ``config.json``.
     ``info`` (training step, tokens, validation NELBO, ...) is written to ``training_info.json`` (strict JSON:
@@ -322,8 +274,7 @@ def export_hf(
     weights are refused (:class:`~bd3lm.faults.NonFiniteError`) and leave it untouched.
     """
     out = Path(out_dir)
-    weights = {**model.state_dict(), **(ema.shadow if ema is not None else {})}
-    bad = scan_tensors(weights)[2]
+    bad = scan_tensors({**model.state_dict(), **(ema.shadow if ema is not None else {})})[2]
     if bad is not None:
         raise NonFiniteError(f"refusing to export non-finite weights ({bad}) to {out}")
     with atomic_directory(out) as tmp:
@@ -344,11 +295,8 @@ def export_hf(
 def rng_state() -> dict:
     """This process's global RNG states in a ``torch.load(weights_only=True)``-safe form."""
     np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
-    }
+    numpy = [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])]
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy}
 
 
 def set_rng_state(state: dict) -> None:

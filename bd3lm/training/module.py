@@ -1,55 +1,58 @@
 """Lightning wrapper for training BD3-LM, MDLM (block size = L) and AR models.
 
-The module is thin: the loss is :func:`bd3lm.objectives.loss`, validation is :func:`bd3lm.objectives.nelbo`,
-the clip-interval search is :func:`bd3lm.schedule_search.clipped_schedule_search`. What lives here is the
-training state around them:
+The loss is :func:`bd3lm.objectives.loss`, validation :func:`bd3lm.objectives.nelbo`, the clip-interval search
+:func:`bd3lm.schedule_search.clipped_schedule_search`. What lives here is the training state around them:
 
-* AdamW (lr 3e-4, betas (0.9, 0.999), weight decay 0) with linear warm-up then a constant rate;
-* an :class:`~bd3lm.ema.EMA` of the weights, swapped in for validation (and used for sampling/export);
+* the optimizer of the settings (AdamW, lr 3e-4, in the paper) with linear warm-up, then constant or cosine;
+* an :class:`~bd3lm.ema.EMA` of the weights, swapped in for validation (and used for sampling/export); under
+  FSDP each rank averages its shards and checkpoints hold the full shadow (:meth:`BD3LMLit.ema_state_dict`);
 * one noise generator per rank (:func:`bd3lm.noise.rank_generator`), whose state is checkpointed;
-* the training clip interval, kept in the model buffers ``sampling_eps_min/max`` (so it is checkpointed and
-  exported) and replaced by the search winner every ``search_every`` validation rounds;
+* the training clip interval, in the model buffers ``sampling_eps_min/max`` (so checkpoints and exports carry
+  it), replaced by the search winner every ``search_every`` validation rounds;
 * everything needed for an exact resume (RNG states of every rank, data position, EMA, search round).
 
-Data, callbacks and checkpoint/export helpers live in :mod:`bd3lm.lit_data`, :mod:`bd3lm.lit_callbacks` and
-:mod:`bd3lm.lit_checkpoint`. Only these ``lit*`` modules, ``train.py`` and ``configs/`` import Lightning.
+Data, callbacks and checkpoints live in the other modules of :mod:`bd3lm.training`, the only package (with
+``train.py``) that imports Lightning.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
+from itertools import islice
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor
+from transformers import get_scheduler
 
-from bd3lm.ema import EMA
+from bd3lm.ema import EMA, gather_shadow, scatter_shadow
 from bd3lm.faults import dumps
-from bd3lm.lit_checkpoint import rng_state, set_rng_state
 from bd3lm.model import BD3LM
 from bd3lm.noise import rank_generator
+from bd3lm.objectives import FULL_RANGE, is_score_family, loss, nelbo
+from bd3lm.schedule_search import clipped_schedule_search, default_candidates
+from bd3lm.training.checkpoint import rng_state, set_rng_state
 
 __all__ = ["BD3LMLit", "TrainSettings", "block_size_override", "validation_nelbo"]
 
 #: Seed offsets that separate the validation and search noise streams from the training stream.
 VAL_SEED_OFFSET = 1_000_003
 SEARCH_SEED_OFFSET = 2_000_003
-FULL_RANGE = (1e-3, 1.0)
 
 
 @dataclass
 class TrainSettings:
-    """Hyper-parameters of :class:`BD3LMLit` (the Hydra ``optim``/``ema``/``algo``/``noise`` groups)."""
+    """Hyper-parameters of :class:`BD3LMLit` (``configs/train.yaml``'s ``settings`` node). ``optimizer`` is called
+    with the parameters (a partial, e.g. ``partial(torch.optim.AdamW, lr=3e-4)``)."""
 
-    lr: float = 3e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.0
+    optimizer: Callable[..., torch.optim.Optimizer] = partial(torch.optim.AdamW, lr=3e-4, weight_decay=0.0)
     warmup_steps: int = 2500
     lr_schedule: str = "constant"
     total_steps: int | None = None
@@ -78,52 +81,39 @@ def block_size_override(model: BD3LM, block_size: int) -> Iterator[BD3LM]:
         model.config.block_size = old
 
 
-def tokens_per_sequence(model: BD3LM, length: int) -> int:
-    """Tokens a sequence contributes to the per-token NELBO (AR predicts positions 1..L-1; so does a model
+def _nelbo_sum(model: BD3LM, x0: Tensor, gen: torch.Generator, schedule: str) -> tuple[Tensor, int]:
+    """Σ NELBO (float64) of a batch and the tokens it counts (AR predicts positions 1..L-1; so does a model
     trained with ``ignore_bos``)."""
-    return length - 1 if model.config.causal or model.config.ignore_bos else length
+    nll = nelbo(model, x0, generator=gen, schedule=schedule, ignore_first=bool(model.config.ignore_bos))
+    length = x0.shape[1] - 1 if model.config.causal or model.config.ignore_bos else x0.shape[1]
+    return nll.double().sum(), x0.shape[0] * length
 
 
 @torch.no_grad()
 def validation_nelbo(
     model: BD3LM, batches: Iterable[Tensor], *, seed: int, rank: int = 0, schedule: str = "loglinear"
 ) -> tuple[float, int]:
-    """(Σ NELBO in nats, number of tokens) over ``batches`` with the validation noise of ``(seed, rank)``.
-
-    This is exactly what :class:`BD3LMLit` logs as ``val/nll`` (sum / tokens) for the same batches and seed.
-    """
-    from bd3lm.objectives import nelbo
-
+    """(Σ NELBO in nats, number of tokens) over ``batches`` with the validation noise of ``(seed, rank)``:
+    exactly what :class:`BD3LMLit` logs as ``val/nll`` (sum / tokens) for the same batches and seed."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     gen = rank_generator(seed + VAL_SEED_OFFSET, rank, device=device)
-    total, tokens = torch.zeros((), dtype=torch.float64, device=device), 0
     try:
-        for x0 in batches:
-            x0 = x0.to(device)
-            nll = nelbo(model, x0, generator=gen, schedule=schedule, ignore_first=bool(model.config.ignore_bos))
-            total += nll.double().sum()
-            tokens += x0.shape[0] * tokens_per_sequence(model, x0.shape[1])
+        sums = [_nelbo_sum(model, x0.to(device), gen, schedule) for x0 in batches]
     finally:
         model.train(was_training)
-    return float(total), tokens
+    return float(sum(total for total, _ in sums)), sum(tokens for _, tokens in sums)
 
 
 class BD3LMLit(L.LightningModule):
-    """LightningModule around a :class:`~bd3lm.BD3LM` (any of BD3-LM / MDLM / AR).
-
-    Args:
-        model: the network (freshly initialised, or warm-started with
-            :func:`bd3lm.lit_checkpoint.load_init_weights`).
-        settings: optimisation, EMA, noise and search settings.
-    """
+    """LightningModule around a :class:`~bd3lm.BD3LM` (any of BD3-LM / MDLM / AR), freshly initialised or
+    warm-started with :func:`bd3lm.training.checkpoint.load_init_weights`."""
 
     def __init__(self, model: BD3LM, settings: TrainSettings | None = None) -> None:
         super().__init__()
         self.model = model
-        self.settings = settings or TrainSettings()
-        s = self.settings
+        self.settings = s = settings or TrainSettings()
         self.ema = EMA(model, s.ema_decay) if s.ema_decay else None
         self.noise_gen: torch.Generator | None = None
         self.batches_seen = 0  # micro-batches trained on (the data position)
@@ -136,22 +126,15 @@ class BD3LMLit(L.LightningModule):
         self._search_data: list[Tensor] = []
         self.rank_info: dict = {}
 
-    # ------------------------------------------------------------------ interval
-
     @property
     def searches(self) -> bool:
         """Whether this model runs the clipped-schedule search (var_min diffusion models only)."""
-        return (
-            bool(self.settings.var_min)
-            and hasattr(self.model, "sampling_eps_min")
-            and not self.model.config.causal
-        )
+        return bool(self.settings.var_min) and hasattr(self.model, "sampling_eps_min") and not self.model.config.causal
 
     def interval(self) -> tuple[float, float]:
         """The current training clip interval [β, ω] (model buffers; the full range without them)."""
-        if hasattr(self.model, "sampling_eps_min"):
-            return float(self.model.sampling_eps_min), float(self.model.sampling_eps_max)
-        return FULL_RANGE
+        m = self.model
+        return (float(m.sampling_eps_min), float(m.sampling_eps_max)) if hasattr(m, "sampling_eps_min") else FULL_RANGE
 
     def set_interval(self, lo: float, hi: float) -> None:
         """Set the training interval (buffers and config, so that checkpoints and exports carry it)."""
@@ -159,34 +142,29 @@ class BD3LMLit(L.LightningModule):
         self.model.sampling_eps_max.fill_(float(hi))
         self.model.config.sampling_eps_min, self.model.config.sampling_eps_max = float(lo), float(hi)
 
-    # ------------------------------------------------------------------ setup / optimisation
-
     def configure_optimizers(self):
-        from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
-
         s = self.settings
-        opt = torch.optim.AdamW(
-            self.model.parameters(), lr=s.lr, betas=tuple(s.betas), eps=s.eps, weight_decay=s.weight_decay
-        )
-        if s.lr_schedule == "cosine":
-            if not s.total_steps:
-                raise ValueError("lr_schedule 'cosine' needs total_steps (trainer.max_steps)")
-            sched = get_cosine_schedule_with_warmup(
-                opt, num_warmup_steps=int(s.warmup_steps), num_training_steps=int(s.total_steps)
-            )
-        elif s.lr_schedule == "constant":
-            sched = get_constant_schedule_with_warmup(opt, num_warmup_steps=int(s.warmup_steps))
-        else:
+        opt = s.optimizer(self.model.parameters())
+        if s.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {s.lr_schedule!r}")
+        if s.lr_schedule == "cosine" and not s.total_steps:
+            raise ValueError("lr_schedule 'cosine' needs total_steps (trainer.max_steps)")
+        name = "cosine" if s.lr_schedule == "cosine" else "constant_with_warmup"
+        sched = get_scheduler(name, opt, int(s.warmup_steps), int(s.total_steps or 0))  # (warm-up, total) steps
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
-    def on_fit_start(self) -> None:
-        seed, rank = int(self.settings.seed), int(self.global_rank)
+    def _seed_streams(self, seed: int, dropout: bool = True) -> None:
+        """This rank's noise generator and (``dropout``) global torch RNG, distinct per rank, from ``seed``."""
+        rank = int(self.global_rank)
         self.noise_gen = rank_generator(seed, rank, device=self.device)
+        if dropout:
+            torch.manual_seed(rank_generator(seed + 17, rank).initial_seed())
+
+    def on_fit_start(self) -> None:
         if self.ema is not None:
             self.ema.to(self.device)
-        if self._pending is None:  # fresh run: distinct dropout streams per rank
-            torch.manual_seed(rank_generator(seed + 17, rank).initial_seed())
+            self._shard_ema()
+        self._seed_streams(int(self.settings.seed), dropout=self._pending is None)  # a resume restores them
 
     def on_train_start(self) -> None:
         if self._pending is not None:
@@ -196,18 +174,10 @@ class BD3LMLit(L.LightningModule):
         self._record_rank_info()
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        from bd3lm.objectives import is_score_family, loss
-
-        extra = {"cedd_weight": self.settings.cedd_weight} if is_score_family(self.model) else {}
-        out = loss(
-            self.model,
-            batch,
-            schedule=self.settings.schedule,
-            interval=self.interval(),
-            generator=self.noise_gen,
-            ignore_first=bool(self.model.config.ignore_bos),
-            **extra,
-        )
+        m, s = self.model, self.settings
+        kw = {"cedd_weight": s.cedd_weight} if is_score_family(m) else {}
+        kw.update(schedule=s.schedule, interval=self.interval(), generator=self.noise_gen)
+        out = loss(m, batch, ignore_first=bool(m.config.ignore_bos), **kw)
         self.batches_seen += 1
         self.log("train/loss", out.loss.detach(), on_step=True, prog_bar=True)
         if self._trainer is not None and self.trainer.optimizers:
@@ -223,8 +193,6 @@ class BD3LMLit(L.LightningModule):
         if self.ema is not None:
             self.ema.restore(self.model)
 
-    # ------------------------------------------------------------------ validation
-
     def _fitting(self) -> bool:
         return self.trainer.state.fn == "fit" and not self.trainer.sanity_checking
 
@@ -235,36 +203,21 @@ class BD3LMLit(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         if self.ema is not None and not self.ema.is_swapped:
             self.ema.store(self.model)
-        self._val_gen = rank_generator(
-            int(self.settings.seed) + VAL_SEED_OFFSET, int(self.global_rank), device=self.device
-        )
-        self._val_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        self._val_tokens = 0
+        seed = int(self.settings.seed) + VAL_SEED_OFFSET
+        self._val_gen = rank_generator(seed, int(self.global_rank), device=self.device)
+        self._val_sum, self._val_tokens = torch.zeros((), dtype=torch.float64, device=self.device), 0
         self._search_data = []
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
-        from bd3lm.objectives import nelbo
-
-        nll = nelbo(
-            self.model,
-            batch,
-            generator=self._val_gen,
-            schedule=self.settings.schedule,
-            ignore_first=bool(self.model.config.ignore_bos),
-        )
-        self._val_sum += nll.double().sum()
-        self._val_tokens += batch.shape[0] * tokens_per_sequence(self.model, batch.shape[1])
+        total, tokens = _nelbo_sum(self.model, batch, self._val_gen, self.settings.schedule)
+        self._val_sum += total
+        self._val_tokens += tokens
         if self._search_due() and len(self._search_data) < int(self.settings.search_batches):
             self._search_data.append(batch)
 
     def on_validation_epoch_end(self) -> None:
         try:
-            totals = torch.stack(
-                [
-                    self._val_sum,
-                    torch.tensor(float(self._val_tokens), dtype=torch.float64, device=self.device),
-                ]
-            )
+            totals = torch.stack([self._val_sum, self._val_sum.new_tensor(float(self._val_tokens))])
             totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
             nll = float(totals[0] / totals[1].clamp_min(1))
             metrics = {"val/nll": nll, "val/ppl": math.exp(min(nll, 700.0)), "val/bpd": nll / math.log(2)}
@@ -283,90 +236,56 @@ class BD3LMLit(L.LightningModule):
                 self.ema.restore(self.model)
 
     def _run_search(self) -> None:
-        from bd3lm.schedule_search import clipped_schedule_search, default_candidates
-
-        s, world = self.settings, self.trainer.world_size
-        gen = rank_generator(
-            int(s.seed) + SEARCH_SEED_OFFSET + self.val_rounds, int(self.global_rank), device=self.device
-        )
+        s = self.settings
+        seed = int(s.seed) + SEARCH_SEED_OFFSET + self.val_rounds
+        gen = rank_generator(seed, int(self.global_rank), device=self.device)
         cands = default_candidates(self.model.config.block_size, tuple(s.clip_widths))
+        gather = self.all_gather if self.trainer.world_size > 1 else None
         res = clipped_schedule_search(
-            self.model,
-            self._search_data,
-            candidates=cands,
-            schedule=s.schedule,
-            generator=gen,
-            all_gather=self.all_gather if world > 1 else None,
+            self.model, self._search_data, candidates=cands, schedule=s.schedule, generator=gen, all_gather=gather
         )
         lo, hi = self.trainer.strategy.broadcast(tuple(map(float, res.best)), src=0)
         old = self.interval()
         self.set_interval(lo, hi)
-        self.log("search/eps_min", lo, sync_dist=False)
-        self.log("search/eps_max", hi, sync_dist=False)
+        self.log_dict({"search/eps_min": lo, "search/eps_max": hi}, sync_dist=False)
         if self.trainer.is_global_zero:
             self._report_search(res.table, old, (lo, hi))
 
     def _report_search(self, table: list[dict], old: tuple[float, float], new: tuple[float, float]) -> None:
         rows = sorted(table, key=lambda r: r["variance"])
         if self.settings.log_dir:
-            rec = {
-                "step": int(self.global_step),
-                "previous": list(old),
-                "best": list(new),
-                "table": [
-                    {"interval": list(r["interval"]), "variance": r["variance"], "mean": r["mean"]}
-                    for r in table
-                ],
-            }
+            cols = [{"interval": list(r["interval"]), "variance": r["variance"], "mean": r["mean"]} for r in table]
+            rec = {"step": int(self.global_step), "previous": list(old), "best": list(new), "table": cols}
             with open(Path(self.settings.log_dir) / "clip_search.jsonl", "a") as f:
                 f.write(dumps(rec) + "\n")
-        top = ", ".join(
-            f"[{r['interval'][0]:.3g},{r['interval'][1]:.3g}] var {r['variance']:.4g}" for r in rows[:3]
-        )
+        top = ", ".join(f"[{r['interval'][0]:.3g},{r['interval'][1]:.3g}] var {r['variance']:.4g}" for r in rows[:3])
         full = next((r for r in table if tuple(r["interval"]) == FULL_RANGE), None)
         ref = f"; full range var {full['variance']:.4g}" if full else ""
-        print(
-            f"[clip search @ step {self.global_step}] interval {old[0]:.3g}-{old[1]:.3g} -> "
-            f"{new[0]:.3g}-{new[1]:.3g} (best: {top}{ref})",
-            flush=True,
-        )
-
-    # ------------------------------------------------------------------ fine-tuning diagnostics
+        change = f"interval {old[0]:.3g}-{old[1]:.3g} -> {new[0]:.3g}-{new[1]:.3g}"
+        print(f"[clip search @ step {self.global_step}] {change} (best: {top}{ref})", flush=True)
 
     def _init_eval(self) -> None:
         """Warm start, before the first step: NELBO of the initial weights at the new and the source L'."""
-        info = dict(self.settings.init_eval)
-        loader = self.trainer.datamodule.val_dataloader()
-        limit = self.trainer.limit_val_batches
-        n = len(loader) if isinstance(limit, float) else min(len(loader), int(limit))
-        batches = [b for _, b in zip(range(n), loader, strict=False)]
-        metrics = {}
-        ctx = self.ema.swapped(self.model) if self.ema is not None else nullcontext()
-        with ctx:
-            sizes = {"init/val_nll": self.model.config.block_size}
-            if info.get("source_block_size"):
-                sizes["init/val_nll_source"] = int(info["source_block_size"])
+        info, s, metrics = dict(self.settings.init_eval), self.settings, {}
+        loader, limit = self.trainer.datamodule.val_dataloader(), self.trainer.limit_val_batches
+        batches = list(islice(loader, len(loader) if isinstance(limit, float) else min(len(loader), int(limit))))
+        sizes = {"init/val_nll": self.model.config.block_size}
+        if info.get("source_block_size"):
+            sizes["init/val_nll_source"] = int(info["source_block_size"])
+        with self.ema.swapped(self.model) if self.ema is not None else nullcontext():
             for name, bs in sizes.items():
                 with block_size_override(self.model, bs):
                     total, tokens = validation_nelbo(
-                        self.model,
-                        batches,
-                        seed=int(self.settings.seed),
-                        rank=int(self.global_rank),
-                        schedule=self.settings.schedule,
+                        self.model, batches, seed=int(s.seed), rank=int(self.global_rank), schedule=s.schedule
                     )
-                t = self.trainer.strategy.reduce(
-                    torch.tensor([total, float(tokens)], dtype=torch.float64, device=self.device),
-                    reduce_op="sum",
-                )
+                t = torch.tensor([total, float(tokens)], dtype=torch.float64, device=self.device)
+                t = self.trainer.strategy.reduce(t, reduce_op="sum")
                 metrics[name] = float(t[0] / t[1])
         for lg in self.loggers:
             lg.log_metrics(metrics, step=0)
         if self.trainer.is_global_zero:
             parts = ", ".join(f"{k} = {v:.4f}" for k, v in metrics.items())
             print(f"[init] warm start from {info.get('path')}: {parts} nats/token", flush=True)
-
-    # ------------------------------------------------------------------ checkpoint state
 
     def _gather_states(self, state: Tensor) -> list[Tensor]:
         """Per-rank copies of a uint8 state tensor (every rank's RNG must be saved for an exact resume)."""
@@ -376,12 +295,45 @@ class BD3LMLit(L.LightningModule):
         torch.distributed.all_gather_object(out, state)
         return out
 
+    def _fsdp(self) -> FSDPStrategy | None:
+        """Lightning's ``FSDPStrategy`` when it shards the weights, else None: the EMA's one GPU-only branch."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        return strategy if isinstance(strategy, FSDPStrategy) else None
+
+    def _shard_ema(self) -> None:
+        """Under FSDP, make this rank's shards of the full shadow (from ``__init__`` or a checkpoint) the shadow.
+        A collective: FSDP calls ``on_fit_start`` and ``on_load_checkpoint`` on every rank, after wrapping."""
+        fsdp = self._fsdp()
+        if self.ema is None or fsdp is None or self.ema.sharded:
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        def load_full(full: dict[str, Tensor]) -> None:
+            opts = StateDictOptions(full_state_dict=True, strict=False)
+            set_model_state_dict(fsdp.model, {f"model.{k}": v for k, v in full.items()}, options=opts)
+
+        scatter_shadow(self.ema, self.model, dict(self.ema.shadow), load_full)
+
+    def ema_state_dict(self) -> dict | None:
+        """The EMA state with the full shadow (as checkpoints and exports hold it; None without EMA). Under FSDP
+        a collective (every rank must call it) whose full shadow lands on global rank 0 only (others get ``{}``)."""
+        if self.ema is None:
+            return None
+        state = self.ema.state_dict()
+        fsdp = self._fsdp()
+        if fsdp is not None and self.ema.sharded:
+
+            def gather_full() -> dict[str, Tensor]:
+                full = fsdp.lightning_module_state_dict()
+                return {k[len("model.") :]: v for k, v in full.items() if k.startswith("model.")}
+
+            state["shadow"] = gather_shadow(self.ema, self.model, gather_full)
+        return state
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        noise = (
-            self.noise_gen.get_state() if self.noise_gen is not None else torch.empty(0, dtype=torch.uint8)
-        )
+        noise = self.noise_gen.get_state() if self.noise_gen is not None else torch.empty(0, dtype=torch.uint8)
         checkpoint["bd3lm"] = {
-            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "ema": self.ema_state_dict(),
             "noise_gen": self._gather_states(noise),
             "torch_rng": self._gather_states(torch.get_rng_state()),
             "rng": rng_state(),
@@ -397,35 +349,29 @@ class BD3LMLit(L.LightningModule):
             lg.save()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint.get("bd3lm")
-        if state is None:
+        if (state := checkpoint.get("bd3lm")) is None:
             raise ValueError("checkpoint has no bd3lm training state (not written by this trainer)")
         if self.ema is not None:
             if state.get("ema") is None:
                 raise ValueError("checkpoint has no EMA state but EMA is enabled (ema.decay)")
             self.ema.load_state_dict(state["ema"])
+            self._shard_ema()
         self.batches_seen = int(state["batches_seen"])
         self.val_rounds = int(state["val_rounds"])
         self.last_val_step = int(state.get("last_val_step", -1))
         self.last_val = dict(state.get("last_val", {}))
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if dm is not None:
-            dm.start_batch = self.batches_seen
         self._pending = state
 
     def _apply_pending(self) -> None:
         state, self._pending = self._pending, None
-        rank, world = int(self.global_rank), int(self.trainer.world_size)
-        same_world = int(state.get("world_size", 1)) == world
+        rank, same_world = int(self.global_rank), int(state.get("world_size", 1)) == int(self.trainer.world_size)
         if same_world and len(state["noise_gen"]) > rank and state["noise_gen"][rank].numel():
             self.noise_gen.set_state(state["noise_gen"][rank].cpu())
             torch.set_rng_state(state["torch_rng"][rank].cpu())
             if rank == 0:
                 set_rng_state(state["rng"])
         else:  # a different world size cannot be resumed bit-exactly: derive fresh per-rank streams
-            seed = int(self.settings.seed) + self.batches_seen
-            self.noise_gen = rank_generator(seed, rank, device=self.device)
-            torch.manual_seed(rank_generator(seed + 17, rank).initial_seed())
+            self._seed_streams(int(self.settings.seed) + self.batches_seen)
 
     def _record_rank_info(self) -> None:
         """Record this rank's noise-stream identity (hash of its first draw) in ``log_dir/ranks``."""
@@ -435,12 +381,8 @@ class BD3LMLit(L.LightningModule):
         probe.set_state(self.noise_gen.get_state())
         first = torch.rand(16, generator=probe, device=self.noise_gen.device, dtype=torch.float64)
         digest = hashlib.sha256(first.cpu().numpy().tobytes()).hexdigest()[:16]
-        self.rank_info = {
-            "rank": int(self.global_rank),
-            "world_size": int(self.trainer.world_size),
-            "step": int(self.global_step),
-            "noise_first_draw_sha256": digest,
-        }
+        rank, world, step = int(self.global_rank), int(self.trainer.world_size), int(self.global_step)
+        self.rank_info = {"rank": rank, "world_size": world, "step": step, "noise_first_draw_sha256": digest}
         out = Path(self.settings.log_dir) / "ranks"
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"rank{self.global_rank}.json").write_text(dumps(self.rank_info) + "\n")
+        (out / f"rank{rank}.json").write_text(dumps(self.rank_info) + "\n")

@@ -12,11 +12,11 @@ the new configuration, before anything in the directory is touched, and refuses 
 key, the old and the new value) any change that is not in :data:`RESUMABLE`:
 
 * allowed: how long and how often (``trainer.max_steps``, except with ``optim.schedule=cosine``, whose learning
-  rate reaches 0 at ``max_steps``; ``val_every``, ``log_every``, ``ckpt_every``,
-  ``limit_val_batches``, ``num_sanity_val_steps``), where and how it runs (``trainer.accelerator``, ``devices``,
-  ``num_nodes``, ``precision``, ``deterministic``, ``progress_bar``, ``strategy.*``, ``model.attn_backend``,
-  ``data.num_workers``, ``data.eval_batch_size``, ``data.cache_dir``), and ``name``, ``run_dir``, ``mode``,
-  ``export``; ``init_from`` too once a checkpoint exists (a resume ignores it);
+  rate reaches 0 at ``max_steps``; ``val_every``, ``log_every``, ``ckpt_every``, ``limit_val_batches``,
+  ``num_sanity_val_steps``), where and how it runs (``trainer.accelerator``, ``devices``, ``num_nodes``,
+  ``precision``, ``deterministic``, ``progress_bar``, ``strategy.*``, ``model.attn_backend``, ``data.eval_batch_size``,
+  ``data.cache_dir``, ``data.num_proc``, ``data.shard_dtype``), and ``name``, ``run_dir``, ``mode``, ``export``;
+  ``init_from`` too once a checkpoint exists (a resume ignores it);
 * refused: everything else, in particular what defines the model (``model.*``, ``algo.*``, ``noise.*``), the
   tokenizer and the data tokens (``data.path``, ``data.tokenizer``, ``data.vocab_size``,
   ``data.valid_fraction``, ``seed``, ...), the objective and the optimisation (``data.batch_size``,
@@ -42,7 +42,7 @@ import os
 import socket
 import sys
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -54,35 +54,24 @@ LOCK_NAME = ".lock"
 
 #: Configuration keys (and key prefixes) that may change when a run directory is reused.
 RESUMABLE: tuple[str, ...] = (
-    "name",
-    "run_dir",
-    "mode",
-    "export",
-    "trainer.max_steps",
-    "trainer.val_every",
-    "trainer.log_every",
-    "trainer.ckpt_every",
-    "trainer.limit_val_batches",
-    "trainer.num_sanity_val_steps",
-    "trainer.progress_bar",
-    "trainer.accelerator",
-    "trainer.devices",
-    "trainer.num_nodes",
-    "trainer.precision",
-    "trainer.deterministic",
-    "strategy",
-    "model.attn_backend",
-    "data.eval_batch_size",
-    "data.num_workers",
-    "data.cache_dir",
+    "name", "run_dir", "mode", "export",
+    "trainer.max_steps", "trainer.val_every", "trainer.log_every", "trainer.ckpt_every", "trainer.limit_val_batches",
+    "trainer.num_sanity_val_steps", "trainer.progress_bar", "trainer.accelerator", "trainer.devices",
+    "trainer.num_nodes", "trainer.precision", "trainer.deterministic",
+    "strategy", "model.attn_backend", "data.eval_batch_size", "data.cache_dir", "data.num_proc", "data.shard_dtype",
 )
+
+#: Nodes that only interpolate other keys (configs/train.yaml's ``_target_`` nodes): the keys they come from are
+#: what is compared, so these are skipped.
+DERIVED: tuple[str, ...] = ("network", "settings", "datamodule", "optim.optimizer")
 
 _WHY = {
     "model": "it defines the model",
     "algo": "it defines the model and its objective",
     "noise": "it defines the objective",
     "data": "it defines the tokenizer and the data the run trains on",
-    "seed": "it defines the data split, the tokenizer and the noise streams",
+    "seed": "it defines the data order, the initial weights and the noise streams",
+    "data.num_workers": "the saved data position is the state of a loader with that many workers",
     "optim": "the optimiser and its schedule are restored from the checkpoint, so it would be ignored",
     "ema": "the EMA is restored from the checkpoint",
     "data.batch_size": "it changes the batch of the objective and the data position",
@@ -121,15 +110,6 @@ class RunDirLock:
             return {}
         return info if isinstance(info, dict) else {}
 
-    def _busy(self) -> Refused:
-        h = self.holder()
-        who = f"pid {h.get('pid', '?')} on {h.get('host', '?')}"
-        since = f" since {h['started']}" if h.get("started") else ""
-        return Refused(
-            f"run_dir {self.run_dir} is in use by another train.py ({who}{since}); wait for it to finish, "
-            f"stop it, or use another run_dir"
-        )
-
     def acquire(self) -> RunDirLock:
         """Take the lock or raise :class:`~bd3lm.faults.Refused` naming the holder."""
         for _ in range(100):  # retried only when the file was replaced between our open and our flock
@@ -139,14 +119,14 @@ class RunDirLock:
             except OSError as e:
                 os.close(fd)
                 if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise self._busy() from None
+                    h = self.holder()
+                    since = f" since {h['started']}" if h.get("started") else ""
+                    raise Refused(f"run_dir {self.run_dir} is in use by another train.py (pid {h.get('pid', '?')} on "
+                                  f"{h.get('host', '?')}{since}); wait for it to finish, stop it, or use another "
+                                  "run_dir") from None
                 if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                    print(
-                        f"warning: cannot lock run_dir {self.run_dir} ({e.strerror}): a second train.py on it "
-                        f"would not be refused",
-                        file=sys.stderr,
-                        flush=True,
-                    )
+                    print(f"warning: cannot lock run_dir {self.run_dir} ({e.strerror}): a second train.py on it "
+                          "would not be refused", file=sys.stderr, flush=True)
                     return self
                 raise
             try:  # the previous holder unlinks the file on release: make sure we locked the live one
@@ -157,12 +137,9 @@ class RunDirLock:
             if not live:
                 os.close(fd)
                 continue
-            info = {
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-                "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                "command": " ".join(sys.argv)[:1000],
-            }
+            info = {"pid": os.getpid(), "host": socket.gethostname(),
+                    "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                    "command": " ".join(sys.argv)[:1000]}
             os.ftruncate(fd, 0)
             os.pwrite(fd, (dumps(info) + "\n").encode(), 0)
             self._fd = fd
@@ -188,13 +165,10 @@ def run_dir_lock(run_dir: Path, *, created: bool, owner: bool = True) -> Iterato
     try:
         yield lock
     except BaseException:
-        if lock is not None:
-            lock.release()
-            if created:
-                try:
-                    run_dir.rmdir()  # only when empty
-                except OSError:
-                    pass
+        if lock is not None and created:
+            lock.release()  # first: the lock file is in run_dir
+            with suppress(OSError):
+                run_dir.rmdir()  # only when empty
         raise
     finally:
         if lock is not None:
@@ -208,18 +182,12 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a.b": leaf}`` for a nested mapping (lists are leaves)."""
     out: dict[str, Any] = {}
     for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, Mapping) else {f"{prefix}{k}": v})
     return out
 
 
-def _allowed(key: str, *, resuming: bool) -> bool:
-    if key == "init_from":
-        return resuming
-    return any(key == k or key.startswith(k + ".") for k in RESUMABLE)
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in prefixes)
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -233,13 +201,8 @@ def _same(a: Any, b: Any) -> bool:
 _ABSENT = object()
 
 
-def check_resume_config(
-    run_dir: Path,
-    new: Mapping[str, Any],
-    *,
-    resuming: bool,
-    defaults: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
-) -> list[str]:
+def check_resume_config(run_dir: Path, new: Mapping[str, Any], *, resuming: bool,
+                        defaults: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None) -> list[str]:
     """Refuse a configuration that differs from ``run_dir/config.yaml`` in a key outside :data:`RESUMABLE`.
 
     Args:
@@ -268,6 +231,8 @@ def check_resume_config(
     default_values: dict[str, Any] | None = None
     changed, refused = [], []
     for key in sorted(fresh):
+        if _under(key, DERIVED):
+            continue
         old = stored.get(key, _ABSENT)
         if old is _ABSENT:  # a key added to the configuration after this run started
             if default_values is None:
@@ -276,21 +241,18 @@ def check_resume_config(
                 except Exception:  # noqa: BLE001 - no defaults: the key counts as changed
                     default_values = {}
             old = default_values.get(key, _ABSENT)
-            if old is not _ABSENT and _same(old, fresh[key]):
-                continue
-        elif _same(old, fresh[key]):
+        if old is not _ABSENT and _same(old, fresh[key]):
             continue
+        allowed = resuming if key == "init_from" else _under(key, RESUMABLE)
         cosine_end = key == "trainer.max_steps" and fresh.get("optim.schedule") == "cosine"
-        (changed if _allowed(key, resuming=resuming) and not cosine_end else refused).append(key)
+        (changed if allowed and not cosine_end else refused).append(key)
     if refused:
         key = refused[0]
         old = stored.get(key, _ABSENT)
         was = "<absent>" if old is _ABSENT else json.dumps(old, default=str)
         why = _WHY.get(key) or _WHY.get(key.split(".")[0], "it may not change when a run is resumed")
         more = f" (also changed: {', '.join(refused[1:4])}{', ...' if len(refused) > 4 else ''})" if refused[1:] else ""
-        raise Refused(
-            f"run_dir {run_dir} was started with {key}={was}, this command sets {key}="
-            f"{json.dumps(fresh[key], default=str)}{more}: {why}; use another run_dir (init_from= to start from "
-            f"this run) or keep the old value"
-        )
+        raise Refused(f"run_dir {run_dir} was started with {key}={was}, this command sets {key}="
+                      f"{json.dumps(fresh[key], default=str)}{more}: {why}; use another run_dir (init_from= to start "
+                      "from this run) or keep the old value")
     return changed
