@@ -11,6 +11,7 @@ import json  # noqa: E402
 import math  # noqa: E402
 import pickle  # noqa: E402
 import random  # noqa: E402
+from functools import partial  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import datasets  # noqa: E402
@@ -194,11 +195,14 @@ def test_num_proc_gives_identical_bytes(tok, tmp_path, monkeypatch):
     monkeypatch.setattr(shards_mod, "_tokenise", spy)
     one = prepare_shards(str(path), tok, ShardOptions(L), cache_dir=tmp_path / "a", num_proc=1, shard_tokens=64)
     two = prepare_shards(str(path), tok, ShardOptions(L), cache_dir=tmp_path / "b", num_proc=2, shard_tokens=64)
-    assert arrow_files == [1, 2]  # two processes really tokenised a half each
+    monkeypatch.setattr(shards_mod, "_tokenise", partial(spy, pass_bytes=300))  # many bounded map passes
+    many = prepare_shards(str(path), tok, ShardOptions(L), cache_dir=tmp_path / "c", num_proc=1, shard_tokens=64)
+    assert arrow_files[:2] == [1, 2] and arrow_files[2] > 3  # two processes, then several passes, really ran
     names = sorted(p.name for p in one.iterdir())
-    assert names == sorted(p.name for p in two.iterdir()) and len(names) > 3 and "_tokens" not in names
+    assert names == sorted(p.name for p in two.iterdir()) == sorted(p.name for p in many.iterdir())
+    assert len(names) > 3 and "_tokens" not in names
     for name in names:
-        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+        assert (one / name).read_bytes() == (two / name).read_bytes() == (many / name).read_bytes(), name
 
 
 # ------------------------------------------------------------------------------------- cache
