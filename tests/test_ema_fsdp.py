@@ -126,9 +126,12 @@ def _check(rank: int, tmp: str) -> None:
     for k, v in lit.ema.shadow.items():
         assert torch.equal(other.ema.shadow[k], v), k
     assert all(torch.equal(p.detach(), live2[k]) for k, p in other.model.named_parameters())
+    with open(os.path.join(tmp, f"rank{rank}.passed"), "w") as f:  # every check above ran on this rank
+        f.write(str(len(lit.ema.shadow)))
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_ema_under_fsdp_on_two_cpu_ranks(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)  # a failed check raises here
+    assert sorted(p.name for p in tmp_path.glob("rank*.passed")) == [f"rank{r}.passed" for r in range(WORLD)]
