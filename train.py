@@ -75,7 +75,20 @@ POSITIVE = ("model.length", "algo.block_size", "model.hidden_dim", "model.n_bloc
             "data.batch_size", "data.eval_batch_size", "trainer.max_steps", "trainer.val_every", "trainer.log_every",
             "trainer.accumulate_grad_batches")
 CHOICES = {"mode": ("train", "export", "prepare"), "strategy.name": ("auto", "ddp", "fsdp"),
-           "trainer.progress_bar": ("auto", "rich", "lines", "none")}
+           "trainer.progress_bar": ("auto", "rich", "lines", "none"), "optim.schedule": ("constant", "cosine")}
+NUMBERS = ("optim.lr", "optim.eps", "optim.weight_decay", "optim.betas", "algo.clip_widths")  # lists: every item
+
+
+def _numbers(cfg, key: str) -> None:
+    """``key`` is a number (or, for a list key, a non-empty list of numbers): checked before the run dir is written,
+    since ``instantiate`` passes any value on and a wrong one would first fail steps into training."""
+    from omegaconf import OmegaConf
+
+    value, listed = OmegaConf.select(cfg, key), key in ("optim.betas", "algo.clip_widths")
+    items = list(value) if OmegaConf.is_list(value) else [value]
+    if not items or OmegaConf.is_list(value) != listed or any(
+            isinstance(v, bool) or not isinstance(v, (int, float)) for v in items):
+        raise ConfigError(f"{key} must be {'a list of numbers' if listed else 'a number'}; got {value!r}")
 
 
 def validate_config(cfg) -> None:
@@ -84,6 +97,8 @@ def validate_config(cfg) -> None:
 
     for key in POSITIVE + (("trainer.ckpt_every",) if cfg.trainer.ckpt_every is not None else ()):
         _positive(cfg, key)
+    for key in NUMBERS:
+        _numbers(cfg, key)
     if cfg.model.length % cfg.algo.block_size:
         raise ConfigError(f"model.length {cfg.model.length} is not a multiple of algo.block_size {cfg.algo.block_size}")
     for key, allowed in CHOICES.items():

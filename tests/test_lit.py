@@ -339,3 +339,18 @@ def test_token_throughput_counts_every_token_and_only_training_time(tmp_path, ca
     m = read_metrics(tmp_path / "csv")  # version_0 of the stock CSVLogger
     assert m["train/lengths"][-1] == (steps - 1, tokens)
     assert not [k for k in m if k.startswith("validate/")]  # no rows keyed by validation batch
+
+
+def test_a_checkpoint_without_a_data_position_is_refused():
+    """A run saved before the token-shard pipeline has no loader state: resuming would restart its data (and use
+    another validation rule), so it is refused rather than trained on silently."""
+    from bd3lm.faults import Refused
+
+    lit = BD3LMLit(tiny_model(), TrainSettings(ema_decay=None))
+    state = {"batches_seen": 5, "val_rounds": 0, "noise_gen": [], "torch_rng": [], "rng": None}
+    with pytest.raises(Refused, match="no data position") as info:
+        lit.on_load_checkpoint({"bd3lm": state})
+    assert info.value.exit_code == 2 and "\n" not in str(info.value)
+    lit.on_load_checkpoint({"bd3lm": state, "ChunkDataModule": {"consumed": 5, "loader": {}}})
+    assert lit.batches_seen == 5
+

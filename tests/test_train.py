@@ -358,6 +358,8 @@ BAD_CASES = {
     "unknown graph": lambda d: ["experiment=smoke", "algo=sedd", "algo.graph=ring"],
     "graph/loss pair that does not exist": lambda d: ["experiment=smoke", "algo.graph=uniform"],
     "roulette p_m outside [0, 1]": lambda d: ["experiment=smoke", "algo=cedd", "algo.graph=roulette", "algo.p_m=1.5"],
+    "learning rate that is not a number": lambda d: ["experiment=smoke", "optim.lr=abc"],
+    "clip widths that are not a list": lambda d: ["experiment=smoke", "algo.clip_widths=0.5"],
 }
 EXPECTED = {
     "missing data file": "not found",
@@ -371,6 +373,8 @@ EXPECTED = {
     "unknown graph": "unknown graph 'ring'",
     "graph/loss pair that does not exist": "absorbing graph only",
     "roulette p_m outside [0, 1]": "p_m must be a number in",
+    "learning rate that is not a number": "optim.lr must be a number; got 'abc'",
+    "clip widths that are not a list": "algo.clip_widths must be a list of numbers; got 0.5",
 }
 
 

@@ -145,8 +145,8 @@ def _build(path: str, tokenizer: PreTrainedTokenizerFast, options: ShardOptions,
            shard_tokens: int, num_proc: int | None, cache_dir: str | os.PathLike | None) -> None:
     import datasets
 
-    field, length, own = options.text_field, options.model_length, corpus.resolve_cache_dir(cache_dir) / "hf_datasets"
-    source = corpus.load_source(path, field, own)
+    field, length = options.text_field, options.model_length
+    source = corpus.load_source(path, field, tmp / "_source")  # this build's own Arrow copy, deleted below
     texts = (t for batch in source.select_columns([field]).iter(batch_size=256) for t in batch[field])
     head = list(islice((t for t in texts if isinstance(t, str) and t.strip()), corpus.MIN_DOCS_FOR_DOC_SPLIT))
     if not head:
@@ -175,8 +175,8 @@ def _build(path: str, tokenizer: PreTrainedTokenizerFast, options: ShardOptions,
                         "num_chunks": keep // length, "documents": b - a, "tokens_dropped": totals[name] - keep}
     del tokens
     shutil.rmtree(tmp / "_tokens")  # datasets' temporary tokenised Arrow files
-    for arrow in {Path(f["filename"]).parent for f in source.cache_files if own in Path(f["filename"]).parents}:
-        shutil.rmtree(arrow, ignore_errors=True)  # our Arrow copy of a local corpus: as large as the corpus
+    del source
+    shutil.rmtree(tmp / "_source", ignore_errors=True)  # the Arrow copy of a local corpus: as large as the corpus
     index = {"format_version": FORMAT_VERSION, "dtype": dtype, "model_length": length,
              "eos_id": tokenizer.eos_token_id, "mask_id": tokenizer.mask_token_id, "vocab_size": len(tokenizer),
              "tokenizer_sha256": _tokenizer_hash(tokenizer), "options": asdict(options),

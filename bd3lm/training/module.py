@@ -33,7 +33,7 @@ from torch import Tensor
 from transformers import get_scheduler
 
 from bd3lm.ema import EMA, gather_shadow, scatter_shadow
-from bd3lm.faults import dumps
+from bd3lm.faults import Refused, dumps
 from bd3lm.model import BD3LM
 from bd3lm.noise import rank_generator
 from bd3lm.objectives import FULL_RANGE, is_score_family, loss, nelbo
@@ -357,6 +357,9 @@ class BD3LMLit(L.LightningModule):
             self.ema.load_state_dict(state["ema"])
             self._shard_ema()
         self.batches_seen = int(state["batches_seen"])
+        if self.batches_seen and "ChunkDataModule" not in checkpoint:  # written before the token-shard pipeline
+            raise Refused("checkpoint has no data position (it predates the token-shard data pipeline and its "
+                          "validation rule): resuming would restart the data; start a new run_dir (init_from= it)")
         self.val_rounds = int(state["val_rounds"])
         self.last_val_step = int(state.get("last_val_step", -1))
         self.last_val = dict(state.get("last_val", {}))
