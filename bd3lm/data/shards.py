@@ -63,6 +63,15 @@ class ShardOptions:
     text_field: str = "text"
     dtype: str = "auto"
 
+    @classmethod
+    def of(cls, data_cfg, model_length: int) -> ShardOptions:
+        """The options of a ``data`` config group (a mapping); keys absent from older configs take the defaults."""
+        valid_docs = data_cfg.get("valid_docs")
+        return cls(model_length=int(model_length), insert_eos=bool(data_cfg["insert_eos"]),
+                   valid_fraction=float(data_cfg["valid_fraction"]),
+                   valid_docs=None if valid_docs is None else int(valid_docs),
+                   text_field=str(data_cfg["text_field"]), dtype=str(data_cfg.get("shard_dtype") or "auto"))
+
     def __post_init__(self) -> None:
         is_int = lambda v, low: isinstance(v, int) and not isinstance(v, bool) and v >= low
         if not is_int(self.model_length, 1):

@@ -64,22 +64,14 @@ def validation_chunks(train_cfg, tokenizer) -> torch.Tensor:
     ``data.shard_dtype`` and ``data.num_proc`` may be absent (older runs): the defaults then apply."""
     data = train_cfg.data
     path = os.path.expanduser(str(data.path)) if data.path else default_corpus()  # as train.py reads it
-    valid_docs = data.get("valid_docs")
-    options = ShardOptions(
-        model_length=int(train_cfg.model.length),
-        insert_eos=bool(data.insert_eos),
-        valid_fraction=float(data.valid_fraction),
-        valid_docs=None if valid_docs is None else int(valid_docs),
-        text_field=str(data.text_field),
-        dtype=str(data.get("shard_dtype") or "auto"),
-    )
+    options = ShardOptions.of(data, int(train_cfg.model.length))
     num_proc = data.get("num_proc")
     shards = prepare_shards(path, tokenizer, options, cache_dir=resolve_cache_dir(data.cache_dir),
                             num_proc=None if num_proc is None else int(num_proc))
     valid = open_split(shards, "valid")
     if len(valid) == 0:
         raise ValueError(f"the validation split of {path} is empty (data.valid_fraction={data.valid_fraction}, "
-                         f"data.valid_docs={valid_docs})")
+                         f"data.valid_docs={options.valid_docs})")
     return valid.to_tensor()
 
 

@@ -113,11 +113,7 @@ def prepare_data(data_cfg, tokenizer: PreTrainedTokenizerFast, model_length: int
     """
     from bd3lm.data import ShardOptions, open_split, prepare_shards, shard_dir_for
 
-    valid_docs = data_cfg.get("valid_docs")
-    options = ShardOptions(model_length=int(model_length), insert_eos=bool(data_cfg.insert_eos),
-                           valid_fraction=float(data_cfg.valid_fraction),
-                           valid_docs=None if valid_docs is None else int(valid_docs),
-                           text_field=str(data_cfg.text_field), dtype=str(data_cfg.get("shard_dtype") or "auto"))
+    options = ShardOptions.of(data_cfg, model_length)
     path = corpus_path(data_cfg.path)
     if local_rank_from_env() == 0:
         shards = prepare_shards(path, tokenizer, options, cache_dir=cache_dir, num_proc=data_cfg.get("num_proc"))
